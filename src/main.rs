@@ -1,0 +1,68 @@
+//! `osc-agent`: parse the command line and hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use osc_agent::cli::{BackupCommand, Cli, Command};
+use osc_agent::config::{AgentArgs, ConfigError, LogFormat};
+use osc_agent::exit::Exit;
+use osc_agent::{demo, devserver, logging, run};
+
+fn main() -> ExitCode {
+    osc_agent::source::install_crypto_provider();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("osc-agent: error: cannot start the async runtime: {e}");
+            return Exit::Internal.code();
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Some(Command::DevServer(args)) => {
+                logging::init(LogFormat::Text);
+                match devserver::run(args).await {
+                    Ok(()) => Exit::Ok.code(),
+                    Err(e) => fail(Exit::Config, &e),
+                }
+            }
+            Some(Command::Demo(args)) => {
+                logging::init_with_default(LogFormat::Text, "warn");
+                demo::run(args).await.code()
+            }
+            Some(Command::Backup(BackupCommand::Inspect(args))) => {
+                logging::init(LogFormat::Text);
+                run::inspect_backup(args).await.code()
+            }
+            None => agent(cli.agent).await.code(),
+        }
+    })
+}
+
+async fn agent(args: AgentArgs) -> Exit {
+    let args = match args.with_config_file() {
+        Ok(a) => a,
+        Err(e) => return config_error(&e),
+    };
+    // Logging first (from flags/env/file) so environment discovery can say where it looked.
+    logging::init(args.log_format.unwrap_or_default());
+    let settings = match run::settings(args).await {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    run::run(settings).await
+}
+
+fn config_error(e: &ConfigError) -> Exit {
+    eprintln!("osc-agent: error: {e}");
+    Exit::Config
+}
+
+fn fail(exit: Exit, e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("osc-agent: error: {e}");
+    exit.code()
+}

@@ -1,0 +1,15 @@
+//! Source: everything that talks to the OpenSecureConf server.
+//!
+//! - `client`: the REST client (list an environment, retries, typed errors).
+//! - `stream`: the event subscription (reconnects, backoff), built on the `sse` framing parser.
+//! - `backup`: an encrypted backup file as a source (`--from-backup`, `--fallback-backup`).
+
+pub mod backup;
+mod client;
+mod error;
+mod sse;
+pub mod stream;
+
+pub use client::{Client, install_crypto_provider};
+pub use error::{FailureClass, SourceError};
+pub use stream::{ChangeKind, StreamEvent, StreamOptions};

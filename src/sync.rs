@@ -1,0 +1,299 @@
+//! One reconcile: list the environment, select, render, write. The live loop calls this on every hint;
+//! `--once` calls it once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::config::{BackupFile, ConfigError, Outputs, Settings, Source};
+use crate::render::{RejectedKey, RenderError, Rendered, Renderer};
+use crate::sink::kube::ObjectSink;
+use crate::sink::{self, SinkError, WriteReport};
+use crate::source::backup::{self, BackupInfo, BackupLoadError};
+use crate::source::{Client, SourceError};
+use crate::state::{Filter, Snapshot};
+
+/// What one successful (or partly successful) reconcile did.
+#[derive(Debug, Default, Clone)]
+pub struct SyncReport {
+    /// Entries selected after filtering.
+    pub keys: usize,
+    /// Content hash of everything rendered (outputs, paths and formats included).
+    pub hash: String,
+    /// Hash of the selected entries only (keys and values): equal on every replica that reads the same
+    /// data, whatever its output paths. Actions and rollout-restart use it.
+    pub config_hash: String,
+    /// Outputs whose content changed.
+    pub changed: Vec<PathBuf>,
+    /// A new generation was swapped into --output-dir.
+    pub dir_swapped: bool,
+    pub files_written: usize,
+    /// Links or files restored without a content change.
+    pub repaired: usize,
+    /// Keys left out of --output-dir (unsafe names).
+    pub rejected: Vec<RejectedKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Backup(#[from] BackupLoadError),
+    #[error("nothing written: {0}")]
+    Render(#[from] RenderError),
+    #[error("{} output(s) could not be written, the others were: {}", .errors.len(), first(.errors))]
+    Write {
+        report: SyncReport,
+        errors: Vec<SinkError>,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn first(errors: &[SinkError]) -> String {
+    errors.first().map(ToString::to_string).unwrap_or_default()
+}
+
+/// A successful apply: the report and what was rendered (kept to repair drift without a server call).
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub report: SyncReport,
+    pub rendered: Arc<Rendered>,
+    /// SHA-256 of each selected entry's value, to tell actions which keys changed.
+    pub digests: BTreeMap<String, String>,
+}
+
+/// Why the outputs hold data that is not (yet) the server's current state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stale {
+    /// Rendered from `--fallback-backup`.
+    Backup(BackupInfo),
+    /// Left on disk by an earlier run, kept untouched.
+    LastKnownGood { generation: String },
+}
+
+impl std::fmt::Display for Stale {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stale::Backup(b) => write!(
+                f,
+                "stale (from backup {}, {})",
+                b.backup_id, b.backup_timestamp
+            ),
+            Stale::LastKnownGood { generation } => {
+                write!(
+                    f,
+                    "stale (last-known-good files of an earlier run: {generation})"
+                )
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Origin {
+    Server {
+        client: Box<Client>,
+        fallback: Option<BackupFile>,
+    },
+    Backup(BackupFile),
+}
+
+/// Keys added, changed or removed between two digest maps (all keys when there is no previous one).
+pub fn changed_keys(
+    previous: Option<&BTreeMap<String, String>>,
+    current: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let Some(prev) = previous else {
+        return current.keys().cloned().collect();
+    };
+    let mut keys: Vec<String> = current
+        .iter()
+        .filter(|(k, d)| prev.get(*k) != Some(*d))
+        .map(|(k, _)| k.clone())
+        .chain(prev.keys().filter(|k| !current.contains_key(*k)).cloned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The pipeline's stages, built once from the settings.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    origin: Origin,
+    filter: Filter,
+    renderer: Arc<Renderer>,
+    environment: String,
+    outputs: Outputs,
+    objects: Option<Arc<ObjectSink>>,
+}
+
+impl Agent {
+    pub fn new(settings: &Settings) -> Result<Agent, ConfigError> {
+        let origin = match &settings.source {
+            Source::Server(server) => Origin::Server {
+                client: Box::new(Client::new(server, settings.live.stream_read_timeout)?),
+                fallback: server.fallback.clone(),
+            },
+            Source::Backup(file) => Origin::Backup(file.clone()),
+        };
+        Ok(Agent {
+            origin,
+            filter: Filter::new(&settings.selection)?,
+            renderer: Arc::new(Renderer::new(&settings.outputs, settings.objects.any())?),
+            environment: settings.environment.clone(),
+            outputs: settings.outputs.clone(),
+            objects: None,
+        })
+    }
+
+    /// Also apply to a ConfigMap and/or Secret.
+    pub fn with_objects(mut self, sink: Option<ObjectSink>) -> Agent {
+        self.objects = sink.map(Arc::new);
+        self
+    }
+
+    /// The server client (`None` with `--from-backup`).
+    pub fn client(&self) -> Option<&Client> {
+        match &self.origin {
+            Origin::Server { client, .. } => Some(client),
+            Origin::Backup(_) => None,
+        }
+    }
+
+    pub fn has_fallback(&self) -> bool {
+        matches!(
+            &self.origin,
+            Origin::Server {
+                fallback: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Read the environment and select entries. Touches nothing on disk; safe to cancel.
+    pub async fn fetch(&self) -> Result<Snapshot, SyncError> {
+        match &self.origin {
+            Origin::Server { client, .. } => {
+                let entries = client.list(&self.environment).await?;
+                Ok(self.filter.apply(&self.environment, entries))
+            }
+            Origin::Backup(file) => Ok(self.read_backup(file).await?.0),
+        }
+    }
+
+    async fn read_backup(
+        &self,
+        file: &BackupFile,
+    ) -> Result<(Snapshot, BackupInfo), BackupLoadError> {
+        let decrypted = backup::load(file).await?;
+        let (entries, info) = backup::entries(&decrypted, &file.path, &self.environment)?;
+        Ok((self.filter.apply(&self.environment, entries), info))
+    }
+
+    /// The server cannot be reached at start: keep the files of an earlier run if every output is there,
+    /// else render `--fallback-backup` if there is one. `None` when neither applies.
+    pub async fn degraded_start(&self) -> Option<Result<Stale, SyncError>> {
+        if let Some(generation) = sink::existing_outputs(&self.outputs) {
+            return Some(Ok(Stale::LastKnownGood { generation }));
+        }
+        let Origin::Server {
+            fallback: Some(file),
+            ..
+        } = &self.origin
+        else {
+            return None;
+        };
+        Some(
+            async {
+                let (snapshot, info) = self.read_backup(file).await?;
+                self.apply(snapshot).await?;
+                Ok(Stale::Backup(info))
+            }
+            .await,
+        )
+    }
+
+    /// Render and write a snapshot. Runs to completion once started (do not cancel mid-write).
+    pub async fn apply(&self, snapshot: Snapshot) -> Result<Applied, SyncError> {
+        let keys = snapshot.entries.len();
+        let digests: BTreeMap<String, String> = snapshot
+            .entries
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    crate::util::sha256_hex(e.value.to_string().as_bytes()),
+                )
+            })
+            .collect();
+        let config_hash = crate::util::sha256_hex(
+            digests
+                .iter()
+                .map(|(k, d)| format!("{}:{k}={d}\n", k.len()))
+                .collect::<String>()
+                .as_bytes(),
+        );
+        let renderer = self.renderer.clone();
+        let rendered = tokio::task::spawn_blocking(move || renderer.render(&snapshot))
+            .await
+            .map_err(|e| SyncError::Internal(format!("render task failed: {e}")))??;
+        for r in &rendered.rejected {
+            warn!(
+                "key '{}' not written to --output-dir: {} (other keys are synced)",
+                r.key, r.reason
+            );
+        }
+        let rendered = Arc::new(rendered);
+        let mut written = self.write(rendered.clone()).await?;
+        if let (Some(sink), Some(payload)) = (&self.objects, &rendered.objects) {
+            let (changed, errors) = sink.apply(payload).await;
+            written
+                .changed
+                .extend(changed.into_iter().map(PathBuf::from));
+            written.errors.extend(errors);
+        }
+        let report = SyncReport {
+            keys,
+            hash: rendered.hash.clone(),
+            config_hash,
+            dir_swapped: rendered
+                .dir
+                .as_ref()
+                .is_some_and(|d| written.changed.contains(&d.path)),
+            changed: written.changed,
+            files_written: written.files_written,
+            repaired: written.repaired,
+            rejected: rendered.rejected.clone(),
+        };
+        if written.errors.is_empty() {
+            Ok(Applied {
+                report,
+                rendered,
+                digests,
+            })
+        } else {
+            Err(SyncError::Write {
+                report,
+                errors: written.errors,
+            })
+        }
+    }
+
+    /// Write (or re-write after drift) what was rendered; a no-op when the disk already matches.
+    pub async fn write(&self, rendered: Arc<Rendered>) -> Result<WriteReport, SyncError> {
+        let options = self.outputs.file;
+        tokio::task::spawn_blocking(move || sink::write_all(&rendered, &options))
+            .await
+            .map_err(|e| SyncError::Internal(format!("write task failed: {e}")))
+    }
+
+    /// Fetch and apply.
+    pub async fn sync_once(&self) -> Result<SyncReport, SyncError> {
+        let snapshot = self.fetch().await?;
+        self.apply(snapshot).await.map(|a| a.report)
+    }
+}

@@ -1,0 +1,464 @@
+//! Telemetry: Prometheus metrics and the `/status` statistics, updated by the stream and the reconcile
+//! loop, read by the admin server. No label or field ever holds a value: only event types, results,
+//! counts, times, the subscription id and the content hash.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::source::StreamEvent;
+use crate::sync::SyncReport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+    result: &'static str,
+}
+
+struct Metrics {
+    registry: Registry,
+    stream_connected: Gauge,
+    events: Family<TypeLabel, Counter>,
+    keepalives: Counter,
+    reconnects: Counter,
+    syncs: Family<ResultLabel, Counter>,
+    sync_duration: Histogram,
+    last_sync_success: Gauge<f64, AtomicU64>,
+    files_written: Counter,
+    dir_swaps: Counter,
+    drift_repairs: Counter,
+    ready: Gauge,
+    stale: Gauge,
+    actions: Family<ActionLabel, Counter>,
+    breaker: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            stream_connected: Gauge::default(),
+            events: Family::default(),
+            keepalives: Counter::default(),
+            reconnects: Counter::default(),
+            syncs: Family::default(),
+            sync_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            last_sync_success: Gauge::default(),
+            files_written: Counter::default(),
+            dir_swaps: Counter::default(),
+            drift_repairs: Counter::default(),
+            ready: Gauge::default(),
+            stale: Gauge::default(),
+            actions: Family::default(),
+            breaker: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "osc_agent_stream_connected",
+            "1 while the event stream is connected",
+            m.stream_connected.clone(),
+        );
+        registry.register(
+            "osc_agent_events",
+            "Change events received, by type",
+            m.events.clone(),
+        );
+        registry.register(
+            "osc_agent_keepalives",
+            "Keep-alive comments received",
+            m.keepalives.clone(),
+        );
+        registry.register(
+            "osc_agent_reconnects",
+            "Event stream reconnections",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "osc_agent_syncs",
+            "Reconciles, by result (ok, error)",
+            m.syncs.clone(),
+        );
+        registry.register(
+            "osc_agent_sync_duration_seconds",
+            "Duration of a reconcile",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "osc_agent_last_sync_success_timestamp_seconds",
+            "Unix time of the last successful reconcile",
+            m.last_sync_success.clone(),
+        );
+        registry.register(
+            "osc_agent_files_written",
+            "Files written",
+            m.files_written.clone(),
+        );
+        registry.register(
+            "osc_agent_dir_swaps",
+            "New generations swapped into the output directory (content changes)",
+            m.dir_swaps.clone(),
+        );
+        registry.register(
+            "osc_agent_drift_repairs",
+            "Outputs restored after outside edits",
+            m.drift_repairs.clone(),
+        );
+        registry.register(
+            "osc_agent_ready",
+            "1 while /readyz answers 200",
+            m.ready.clone(),
+        );
+        registry.register(
+            "osc_agent_stale",
+            "1 while the outputs hold stale data (from a backup or an earlier run) instead of the server's",
+            m.stale.clone(),
+        );
+        registry.register(
+            "osc_agent_actions",
+            "Actions run, by action and result (ok, error, skipped)",
+            m.actions.clone(),
+        );
+        registry.register(
+            "osc_agent_action_breaker_tripped",
+            "1 once the restart-loop breaker stopped all actions",
+            m.breaker.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+#[derive(Default)]
+struct Status {
+    connected: bool,
+    subscription_id: Option<String>,
+    connected_at: Option<SystemTime>,
+    last_event_at: Option<SystemTime>,
+    events_by_type: BTreeMap<&'static str, u64>,
+    keepalives: u64,
+    reconnections: u64,
+    stream_errors: u64,
+    last_stream_error: Option<String>,
+    ever_connected: bool,
+    gave_up: bool,
+    ready: bool,
+    last_success: Option<(Instant, SystemTime)>,
+    last_attempt: Option<SystemTime>,
+    last_error: Option<String>,
+    syncs_ok: u64,
+    syncs_failed: u64,
+    applied_hash: Option<String>,
+    config_hash: Option<String>,
+    keys: usize,
+    heartbeat: Option<Instant>,
+    loop_exited: bool,
+    stale: Option<String>,
+    action_results: BTreeMap<&'static str, (String, String, SystemTime)>,
+    action_runs: u64,
+    breaker: Option<String>,
+}
+
+/// Shared by the stream, the loop and the admin server.
+pub struct Telemetry {
+    metrics: Metrics,
+    status: Mutex<Status>,
+    started: (Instant, SystemTime),
+    environment: String,
+    ready_when_stale: bool,
+}
+
+/// Liveness verdict.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Health {
+    pub ok: bool,
+    pub reason: String,
+}
+
+fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
+    t.and_then(|t| jiff::Timestamp::try_from(t).ok())
+        .map_or(serde_json::Value::Null, |ts| json!(ts.to_string()))
+}
+
+impl Telemetry {
+    pub fn new(environment: &str, ready_when_stale: bool) -> Telemetry {
+        Telemetry {
+            metrics: Metrics::new(),
+            status: Mutex::new(Status::default()),
+            started: (Instant::now(), SystemTime::now()),
+            environment: environment.to_owned(),
+            ready_when_stale,
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Status) -> R) -> R {
+        let mut guard = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// Record what the stream reported.
+    pub fn on_stream(&self, event: &StreamEvent) {
+        let m = &self.metrics;
+        let now = SystemTime::now();
+        self.with(|s| match event {
+            StreamEvent::Connected { subscription_id } => {
+                if s.ever_connected {
+                    s.reconnections += 1;
+                    m.reconnects.inc();
+                }
+                s.ever_connected = true;
+                s.connected = true;
+                s.subscription_id = subscription_id.clone();
+                s.connected_at = Some(now);
+                s.last_event_at = Some(now);
+                *s.events_by_type.entry("connected").or_default() += 1;
+                m.events
+                    .get_or_create(&TypeLabel {
+                        r#type: "connected",
+                    })
+                    .inc();
+                m.stream_connected.set(1);
+            }
+            StreamEvent::Change { kind, .. } => {
+                s.last_event_at = Some(now);
+                *s.events_by_type.entry(kind.as_str()).or_default() += 1;
+                m.events
+                    .get_or_create(&TypeLabel {
+                        r#type: kind.as_str(),
+                    })
+                    .inc();
+            }
+            StreamEvent::KeepAlive => {
+                s.keepalives += 1;
+                m.keepalives.inc();
+            }
+            StreamEvent::Disconnected { reason } => {
+                s.connected = false;
+                s.stream_errors += 1;
+                s.last_stream_error = Some(reason.clone());
+                m.stream_connected.set(0);
+            }
+            StreamEvent::GaveUp { .. } => {
+                s.connected = false;
+                s.gave_up = true;
+                m.stream_connected.set(0);
+            }
+        });
+    }
+
+    pub fn on_sync_ok(&self, report: &SyncReport, took: Duration) {
+        let m = &self.metrics;
+        m.syncs.get_or_create(&ResultLabel { result: "ok" }).inc();
+        m.sync_duration.observe(took.as_secs_f64());
+        let now = SystemTime::now();
+        m.last_sync_success.set(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        m.files_written.inc_by(report.files_written as u64);
+        if report.dir_swapped {
+            m.dir_swaps.inc();
+        }
+        m.ready.set(1);
+        m.stale.set(0);
+        self.with(|s| {
+            s.ready = true;
+            s.stale = None;
+            s.syncs_ok += 1;
+            s.last_success = Some((Instant::now(), now));
+            s.last_attempt = Some(now);
+            s.last_error = None;
+            s.applied_hash = Some(report.hash.clone());
+            s.config_hash = Some(report.config_hash.clone());
+            s.keys = report.keys;
+        });
+    }
+
+    pub fn on_sync_error(&self, error: &str, took: Duration) {
+        let m = &self.metrics;
+        m.syncs
+            .get_or_create(&ResultLabel { result: "error" })
+            .inc();
+        m.sync_duration.observe(took.as_secs_f64());
+        self.with(|s| {
+            s.syncs_failed += 1;
+            s.last_attempt = Some(SystemTime::now());
+            s.last_error = Some(error.to_owned());
+        });
+    }
+
+    /// Outputs put back from memory after an outside edit.
+    pub fn on_drift_repair(&self, files_written: usize) {
+        self.metrics.drift_repairs.inc();
+        self.metrics.files_written.inc_by(files_written as u64);
+    }
+
+    pub fn heartbeat(&self) {
+        self.with(|s| s.heartbeat = Some(Instant::now()));
+    }
+
+    pub fn loop_exited(&self) {
+        self.with(|s| s.loop_exited = true);
+    }
+
+    /// The outputs hold stale data (`Some(description)`), until the next successful sync.
+    pub fn set_stale(&self, description: String) {
+        self.metrics.stale.set(1);
+        if self.ready_when_stale {
+            self.metrics.ready.set(1);
+        }
+        self.with(|s| s.stale = Some(description));
+    }
+
+    /// One action finished (`result`: ok, error, skipped); `detail` is a value-free summary.
+    pub fn on_action(&self, action: &'static str, result: &'static str, detail: &str) {
+        self.metrics
+            .actions
+            .get_or_create(&ActionLabel { action, result })
+            .inc();
+        self.with(|s| {
+            if result != "skipped" {
+                s.action_runs += 1;
+            }
+            s.action_results.insert(
+                action,
+                (result.to_owned(), detail.to_owned(), SystemTime::now()),
+            );
+        });
+    }
+
+    pub fn on_breaker_tripped(&self, reason: &str) {
+        self.metrics.breaker.set(1);
+        self.with(|s| s.breaker = Some(reason.to_owned()));
+    }
+
+    /// Ready after a successful sync, or while serving stale files if `--ready-when-stale`.
+    pub fn ready(&self) -> bool {
+        self.with(|s| s.ready || (self.ready_when_stale && s.stale.is_some()))
+    }
+
+    /// Why not ready, for `/readyz`.
+    pub fn not_ready_reason(&self) -> String {
+        self.with(|s| match &s.stale {
+            Some(stale) => format!("serving {stale} and --ready-when-stale is false"),
+            None => "no successful sync yet".to_owned(),
+        })
+    }
+
+    /// Liveness: the loop is alive, and the stream is connected or the last success is recent enough.
+    pub fn health(&self, staleness: Duration, stall: Duration) -> Health {
+        self.with(|s| {
+            let bad = |reason: String| Health { ok: false, reason };
+            if s.loop_exited {
+                return bad("the reconcile loop has stopped".into());
+            }
+            let beat = s
+                .heartbeat
+                .map_or(self.started.0.elapsed(), |b| b.elapsed());
+            if beat > stall {
+                return bad(format!(
+                    "the reconcile loop has not run for {}s",
+                    beat.as_secs()
+                ));
+            }
+            if s.connected {
+                return Health {
+                    ok: true,
+                    reason: "event stream connected".into(),
+                };
+            }
+            let since = s
+                .last_success
+                .map_or(self.started.0.elapsed(), |(i, _)| i.elapsed());
+            if since <= staleness {
+                return Health {
+                    ok: true,
+                    reason: format!(
+                        "event stream down, last successful sync {}s ago",
+                        since.as_secs()
+                    ),
+                };
+            }
+            bad(format!(
+                "event stream down and no successful sync for {}s (staleness bound {}s){}",
+                since.as_secs(),
+                staleness.as_secs(),
+                s.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ))
+        })
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// `/status` document.
+    pub fn status_json(&self) -> serde_json::Value {
+        self.with(|s| {
+            let received: u64 = s.events_by_type.values().sum();
+            json!({
+                "environment": self.environment,
+                "ready": s.ready || (self.ready_when_stale && s.stale.is_some()),
+                "stale": s.stale,
+                "uptime_seconds": self.started.0.elapsed().as_secs_f64(),
+                "started_at": rfc3339(Some(self.started.1)),
+                "stream": {
+                    "connected": s.connected,
+                    "subscription_id": s.subscription_id,
+                    "connected_at": rfc3339(s.connected_at),
+                    "last_event_at": rfc3339(s.last_event_at),
+                    "events_received": received,
+                    "events_by_type": s.events_by_type,
+                    "keepalives_received": s.keepalives,
+                    "reconnections": s.reconnections,
+                    "errors": s.stream_errors,
+                    "last_error": s.last_stream_error,
+                    "gave_up": s.gave_up,
+                },
+                "actions": {
+                    "runs": s.action_runs,
+                    "last": s.action_results.iter().map(|(k, (r, d, t))| (k.to_string(), json!({
+                        "result": r, "detail": d, "at": rfc3339(Some(*t)),
+                    }))).collect::<serde_json::Map<_, _>>(),
+                    "breaker_tripped": s.breaker.is_some(),
+                    "breaker": s.breaker,
+                },
+                "sync": {
+                    "last_success_at": rfc3339(s.last_success.map(|(_, t)| t)),
+                    "last_attempt_at": rfc3339(s.last_attempt),
+                    "last_error": s.last_error,
+                    "succeeded": s.syncs_ok,
+                    "failed": s.syncs_failed,
+                    "keys": s.keys,
+                    "applied_hash": s.applied_hash,
+                    "config_hash": s.config_hash,
+                },
+            })
+        })
+    }
+}
