@@ -223,20 +223,9 @@ impl Agent {
         let digests: BTreeMap<String, String> = snapshot
             .entries
             .iter()
-            .map(|(k, e)| {
-                (
-                    k.clone(),
-                    crate::util::sha256_hex(e.value.to_string().as_bytes()),
-                )
-            })
+            .map(|(k, e)| (k.clone(), value_digest(&e.value)))
             .collect();
-        let config_hash = crate::util::sha256_hex(
-            digests
-                .iter()
-                .map(|(k, d)| format!("{}:{k}={d}\n", k.len()))
-                .collect::<String>()
-                .as_bytes(),
-        );
+        let config_hash = config_hash(&digests);
         let renderer = self.renderer.clone();
         let rendered = tokio::task::spawn_blocking(move || renderer.render(&snapshot))
             .await
@@ -296,4 +285,22 @@ impl Agent {
         let snapshot = self.fetch().await?;
         self.apply(snapshot).await.map(|a| a.report)
     }
+}
+
+/// Digest of one entry's value (its compact JSON), used to tell which keys changed.
+pub fn value_digest(value: &serde_json::Value) -> String {
+    crate::util::sha256_hex(value.to_string().as_bytes())
+}
+
+/// The configuration hash: of the selected keys and their values only, so it is the same for every
+/// replica whatever its output paths or formats (actions and `rollout-restart` carry it; `/status` shows
+/// it as `sync.config_hash`). `digests` maps each key to its [`value_digest`].
+pub fn config_hash(digests: &BTreeMap<String, String>) -> String {
+    crate::util::sha256_hex(
+        digests
+            .iter()
+            .map(|(k, d)| format!("{}:{k}={d}\n", k.len()))
+            .collect::<String>()
+            .as_bytes(),
+    )
 }

@@ -173,6 +173,7 @@ struct Status {
     stale: Option<String>,
     action_results: BTreeMap<&'static str, (String, String, SystemTime)>,
     action_runs: u64,
+    action_pending: bool,
     breaker: Option<String>,
 }
 
@@ -344,6 +345,11 @@ impl Telemetry {
         });
     }
 
+    /// Whether a changed generation waits for (or is in) an action run.
+    pub fn set_action_pending(&self, pending: bool) {
+        self.with(|s| s.action_pending = pending);
+    }
+
     pub fn on_breaker_tripped(&self, reason: &str) {
         self.metrics.breaker.set(1);
         self.with(|s| s.breaker = Some(reason.to_owned()));
@@ -442,6 +448,7 @@ impl Telemetry {
                 },
                 "actions": {
                     "runs": s.action_runs,
+                    "pending": s.action_pending,
                     "last": s.action_results.iter().map(|(k, (r, d, t))| (k.to_string(), json!({
                         "result": r, "detail": d, "at": rfc3339(Some(*t)),
                     }))).collect::<serde_json::Map<_, _>>(),

@@ -29,10 +29,11 @@ pub struct Runner {
 type Pending = (String, BTreeSet<String>);
 
 /// Where the reconcile loop hands over changed generations.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ActionQueue {
     pending: Arc<Mutex<Option<Pending>>>,
     notify: Arc<Notify>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl ActionQueue {
@@ -47,12 +48,23 @@ impl ActionQueue {
                 }
                 None => *p = Some((hash, keys.collect())),
             }
+            // Under the lock, so that `settled` cannot clear the flag of a newer generation.
+            self.telemetry.set_action_pending(true);
         }
         self.notify.notify_one();
     }
 
     fn take(&self) -> Option<Pending> {
         self.pending.lock().ok().and_then(|mut p| p.take())
+    }
+
+    /// A run finished (or was skipped): nothing is pending unless a generation arrived meanwhile.
+    fn settled(&self) {
+        if let Ok(p) = self.pending.lock()
+            && p.is_none()
+        {
+            self.telemetry.set_action_pending(false);
+        }
     }
 }
 
@@ -78,7 +90,11 @@ impl Runner {
 
     /// Start the runner task.
     pub fn spawn(self, cancel: CancellationToken) -> (ActionQueue, tokio::task::JoinHandle<()>) {
-        let queue = ActionQueue::default();
+        let queue = ActionQueue {
+            pending: Arc::default(),
+            notify: Arc::default(),
+            telemetry: self.telemetry.clone(),
+        };
         let task = tokio::spawn(self.run(queue.clone(), cancel));
         (queue, task)
     }
@@ -119,6 +135,7 @@ impl Runner {
                     self.telemetry
                         .on_action(spec.kind(), "skipped", "breaker tripped");
                 }
+                queue.settled();
                 continue;
             }
             history.push_back(now);
@@ -129,6 +146,7 @@ impl Runner {
                 changed_keys: keys.into_iter().collect(),
             };
             self.execute(&ctx).await;
+            queue.settled();
         }
     }
 

@@ -159,8 +159,8 @@ mod tests {
 
     #[test]
     fn upstream_listing_is_a_valid_seed() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/upstream-list-all.json");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/upstream/upstream-list-all.json");
         assert!(path.exists(), "fixture {} is missing", path.display());
         let entries = load(&path).unwrap();
         assert_eq!(entries.len(), 6);

@@ -116,7 +116,8 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                 Ok(applied) => {
                     debug!(reason, "reconcile done");
                     log_report(&applied.report);
-                    telemetry.on_sync_ok(&applied.report, took);
+                    // Hand over to the actions first: once `/status` shows this sync, its action is
+                    // already pending.
                     if let Some(queue) = &actions
                         && !applied.report.changed.is_empty()
                     {
@@ -127,6 +128,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             queue.submit(applied.report.config_hash.clone(), keys);
                         }
                     }
+                    telemetry.on_sync_ok(&applied.report, took);
                     first_apply = false;
                     digests = Some(applied.digests);
                     last = Some(applied.rendered);

@@ -1,0 +1,476 @@
+//! Actions end to end: a real agent process, the dev server, real child processes receiving real signals,
+//! a real HTTP endpoint and real commands. Every wait has a deadline; "no action" is checked against a
+//! later action that must come, never by sleeping.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const SECRET: &str = "action-secret-value-Qz7";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn secret(n: usize) -> String {
+    format!("{SECRET}-{n}")
+}
+
+/// A shell script that appends one line to `count` per SIGHUP (and optionally ignores SIGTERM).
+struct Counter {
+    child: Child,
+    count: PathBuf,
+    /// A regular expression matching only this process's command line.
+    pattern: String,
+}
+
+impl Counter {
+    fn start(scratch: &Scratch, name: &str, ignore_term: bool) -> Counter {
+        let count = scratch.path(&format!("{name}.count"));
+        let script = scratch.write(
+            &format!("{name}.sh"),
+            &format!(
+                "trap 'echo hup >> {}' HUP\n{}while :; do sleep 0.05; done\n",
+                count.display(),
+                if ignore_term { "trap '' TERM\n" } else { "" }
+            ),
+        );
+        let child = Command::new("sh")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the counter script");
+        // The scratch directory's name is random: the pattern matches this process only.
+        let pattern = format!("{}/{name}\\.sh", dir_name(scratch));
+        Counter {
+            child,
+            count,
+            pattern,
+        }
+    }
+
+    fn hups(&self) -> usize {
+        std::fs::read_to_string(&self.count).map_or(0, |s| s.lines().count())
+    }
+
+    async fn wait_hups(&self, n: usize) {
+        wait_for(&format!("{n} SIGHUP(s) counted"), WAIT, || async {
+            self.hups() == n
+        })
+        .await;
+    }
+
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let mut status = None;
+        wait_for("the process to exit", WAIT, || {
+            let s = self.child.try_wait().expect("try_wait");
+            status = s;
+            async move { s.is_some() }
+        })
+        .await;
+        status.expect("exited")
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dir_name(scratch: &Scratch) -> String {
+    scratch
+        .dir
+        .path()
+        .file_name()
+        .expect("scratch name")
+        .to_string_lossy()
+        .replace('.', "\\.")
+}
+
+async fn agent(logs: &Logs, server: &DevServer, scratch: &Scratch, extra: &[&str]) -> AgentProc {
+    let out = scratch.path("out");
+    let agent = AgentProc::start(logs, &strs(&live_args(&server.url, scratch, &out, extra))).await;
+    agent.wait_ready().await;
+    agent
+}
+
+/// The configuration hash the agent computes for these entries.
+fn config_hash(entries: &[(&str, Value)]) -> String {
+    let digests: BTreeMap<String, String> = entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), osc_agent::sync::value_digest(v)))
+        .collect();
+    osc_agent::sync::config_hash(&digests)
+}
+
+/// Waits until the agent has applied exactly this content and no action is pending or running.
+async fn settled(agent: &AgentProc, entries: &[(&str, Value)]) {
+    let hash = config_hash(entries);
+    wait_for("the content applied and actions settled", WAIT, || async {
+        let s = agent.status().await;
+        s["sync"]["config_hash"].as_str() == Some(hash.as_str())
+            && s["actions"]["pending"] == json!(false)
+    })
+    .await;
+}
+
+async fn action_count(agent: &AgentProc, result: &str) -> f64 {
+    let (_, body) = agent.get("/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with("osc_agent_actions_total{"))
+        .filter(|l| l.contains(&format!("result=\"{result}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn signal_once_per_generation_never_on_no_op_or_fresh_start() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let app = Counter::start(&scratch, "app", false);
+    let action = format!("signal:cmdline={},signal=HUP", app.pattern);
+    let agent = agent(
+        &logs,
+        &server,
+        &scratch,
+        &["--action", &action, "--action-cooldown", "0s"],
+    )
+    .await;
+    settled(&agent, &[("k", json!(secret(0)))]).await;
+
+    // A fresh start: the app reads its first files itself.
+    api.update("prod", "k", json!(secret(1))).await;
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+    app.wait_hups(1).await;
+
+    // The same value again, and a forced reconcile: nothing changes, nothing is signalled.
+    let syncs = agent.metric("osc_agent_syncs_total").await;
+    api.update("prod", "k", json!(secret(1))).await;
+    post_sync(&agent).await;
+    agent
+        .wait_metric("osc_agent_syncs_total", "2 more", |v| v >= syncs + 2.0)
+        .await;
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+
+    api.update("prod", "k", json!(secret(2))).await;
+    settled(&agent, &[("k", json!(secret(2)))]).await;
+    app.wait_hups(2).await;
+    assert_eq!(action_count(&agent, "ok").await, 2.0);
+    assert_eq!(action_count(&agent, "error").await, 0.0);
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("out/k")).unwrap(),
+        secret(2)
+    );
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+async fn post_sync(agent: &AgentProc) {
+    let resp = agent
+        .http
+        .post(format!("http://{}/sync", agent.admin))
+        .send()
+        .await
+        .expect("POST /sync");
+    assert_eq!(resp.status().as_u16(), 202);
+}
+
+#[tokio::test]
+async fn a_burst_of_100_updates_signals_at_most_twice() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &["--queue-size", "500"]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let app = Counter::start(&scratch, "app", false);
+    let action = format!("signal:cmdline={}", app.pattern);
+    // Default cooldown (5 s): generations arriving after the first action are coalesced into one more.
+    let agent = agent(&logs, &server, &scratch, &["--action", &action]).await;
+    for i in 1..=100 {
+        api.update("prod", "k", json!(secret(i))).await;
+    }
+    settled(&agent, &[("k", json!(secret(100)))]).await;
+    let runs = action_count(&agent, "ok").await;
+    assert!(
+        (1.0..=2.0).contains(&runs),
+        "100 updates caused {runs} actions"
+    );
+    app.wait_hups(runs as usize).await;
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn a_signal_matching_nothing_is_a_clear_error_and_files_still_sync() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let agent = agent(
+        &logs,
+        &server,
+        &scratch,
+        &["--action", "signal:process=no-such-app-7781"],
+    )
+    .await;
+    api.update("prod", "k", json!(secret(1))).await;
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("out/k")).unwrap(),
+        secret(1)
+    );
+    let status = agent.status().await;
+    let last = &status["actions"]["last"]["signal"];
+    assert_eq!(last["result"], "error", "{status}");
+    let detail = last["detail"].as_str().unwrap();
+    assert!(detail.contains("no-such-app-7781"), "{detail}");
+    assert_eq!(action_count(&agent, "error").await, 1.0);
+    assert!(logs.text().contains("action failed"));
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn once_mode_acts_only_on_change_and_exits_5_when_the_action_fails() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let marker = scratch.path("ran");
+    let script = scratch.write("mark.sh", &format!("echo ran >> {}\n", marker.display()));
+    let exec = format!("exec:command=sh {}", script.display());
+    let mut args = live_args(&server.url, &scratch, &out, &["--once", "--action", &exec]);
+    let runs = |m: &Path| std::fs::read_to_string(m).map_or(0, |s| s.lines().count());
+
+    // Fresh start: files appear, no action.
+    let run = run_agent(&logs, &strs(&args), &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(runs(&marker), 0);
+    // Unchanged: no action.
+    let run = run_agent(&logs, &strs(&args), &[]).await;
+    assert_eq!((run.code, runs(&marker)), (0, 0), "{}", run.stderr);
+    // Changed: the action runs once.
+    api.update("prod", "k", json!(secret(1))).await;
+    let run = run_agent(&logs, &strs(&args), &[]).await;
+    assert_eq!((run.code, runs(&marker)), (0, 1), "{}", run.stderr);
+
+    // Changed, and the action fails: files are synced, exit code 5 names the action.
+    api.update("prod", "k", json!(secret(2))).await;
+    args.extend(["--action".into(), "signal:process=no-such-app-7782".into()]);
+    let run = run_agent(&logs, &strs(&args), &[]).await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(run.stderr.contains("no-such-app-7782"), "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(out.join("k")).unwrap(), secret(2));
+    assert_eq!(runs(&marker), 2, "the other action still ran");
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn restart_container_terminates_and_kills_after_the_grace_period() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let mut polite = Counter::start(&scratch, "polite", false);
+    let mut stubborn = Counter::start(&scratch, "stubborn", true);
+    let a = format!("restart-container:cmdline={}", polite.pattern);
+    let b = format!("restart-container:cmdline={},grace=1s", stubborn.pattern);
+    let agent = agent(&logs, &server, &scratch, &["--action", &a, "--action", &b]).await;
+    api.update("prod", "k", json!(secret(1))).await;
+    let status = polite.wait_exit().await;
+    assert_eq!(status.signal(), Some(libc_sig("TERM")), "{status:?}");
+    let status = stubborn.wait_exit().await;
+    assert_eq!(status.signal(), Some(libc_sig("KILL")), "{status:?}");
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+    let detail = agent.status().await["actions"]["last"]["restart-container"]["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(detail.contains("killed after 1s"), "{detail}");
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+fn libc_sig(name: &str) -> i32 {
+    match name {
+        "TERM" => nix::sys::signal::Signal::SIGTERM as i32,
+        _ => nix::sys::signal::Signal::SIGKILL as i32,
+    }
+}
+
+/// A reload endpoint that fails `failures` times with 500, then answers 200; records each request's
+/// content-hash header.
+async fn reload_endpoint(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let state = seen.clone();
+    let app = axum::Router::new().route(
+        "/-/reload",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let state = state.clone();
+            async move {
+                let mut seen = state.lock().unwrap();
+                seen.push(
+                    headers
+                        .get("x-osc-content-hash")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned(),
+                );
+                if seen.len() <= failures {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/-/reload", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn http_reload_is_retried_until_it_succeeds() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let (url, seen) = reload_endpoint(2).await;
+    let scratch = Scratch::new();
+    let action = format!("http:url={url},retries=3");
+    let agent = agent(&logs, &server, &scratch, &["--action", &action]).await;
+    api.update("prod", "k", json!(secret(1))).await;
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+    let hash = config_hash(&[("k", json!(secret(1)))]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![hash.clone(), hash.clone(), hash]
+    );
+    assert_eq!(action_count(&agent, "ok").await, 1.0);
+    let detail = agent.status().await["actions"]["last"]["http"]["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(detail.contains("200"), "{detail}");
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn exec_gets_changed_keys_and_hash_never_values() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "a", json!(secret(0))).await;
+    api.create("prod", "b", json!(secret(1))).await;
+    let scratch = Scratch::new();
+    let env_dump = scratch.path("env");
+    let script = scratch.write(
+        "dump.sh",
+        &format!(
+            "{{ printf 'KEYS=%s\\n' \"$OSC_CHANGED_KEYS\" | tr '\\n' ' '; echo; \
+             echo \"HASH=$OSC_CONTENT_HASH\"; echo \"COUNT=$OSC_CHANGED_KEYS_COUNT\"; env; }} > {}\n",
+            env_dump.display()
+        ),
+    );
+    let action = format!("exec:command=sh {}", script.display());
+    let agent = agent(
+        &logs,
+        &server,
+        &scratch,
+        &["--action", &action, "--action-cooldown", "0s"],
+    )
+    .await;
+
+    api.update("prod", "b", json!(secret(2))).await;
+    api.create("prod", "c", json!(secret(3))).await;
+    let entries = [
+        ("a", json!(secret(0))),
+        ("b", json!(secret(2))),
+        ("c", json!(secret(3))),
+    ];
+    settled(&agent, &entries).await;
+    let dump = std::fs::read_to_string(&env_dump).expect("the command ran");
+    let hash = config_hash(&entries);
+    // b and c may arrive in one generation or two; the last run names what changed in it.
+    assert!(
+        dump.starts_with("KEYS=b c \n") || dump.starts_with("KEYS=c \n"),
+        "{dump}"
+    );
+    assert!(dump.contains(&format!("HASH={hash}\n")), "{dump}");
+    assert!(
+        !dump.contains(SECRET),
+        "a value reached the command's environment"
+    );
+
+    api.delete("prod", "a").await;
+    let entries = [("b", json!(secret(2))), ("c", json!(secret(3)))];
+    settled(&agent, &entries).await;
+    let dump = std::fs::read_to_string(&env_dump).unwrap();
+    assert!(dump.starts_with("KEYS=a \n"), "{dump}");
+    assert!(dump.contains("COUNT=1\n"), "{dump}");
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn the_restart_loop_breaker_stops_actions_but_not_syncing() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let app = Counter::start(&scratch, "app", false);
+    let action = format!("signal:cmdline={}", app.pattern);
+    let agent = agent(
+        &logs,
+        &server,
+        &scratch,
+        &[
+            "--action",
+            &action,
+            "--action-cooldown",
+            "0s",
+            "--max-actions",
+            "2",
+            "--action-window",
+            "10m",
+        ],
+    )
+    .await;
+    for i in 1..=2 {
+        api.update("prod", "k", json!(secret(i))).await;
+        settled(&agent, &[("k", json!(secret(i)))]).await;
+        app.wait_hups(i).await;
+    }
+    assert_eq!(agent.metric("osc_agent_action_breaker_tripped").await, 0.0);
+    api.update("prod", "k", json!(secret(3))).await;
+    settled(&agent, &[("k", json!(secret(3)))]).await;
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("out/k")).unwrap(),
+        secret(3),
+        "files keep syncing"
+    );
+    let status = agent.status().await;
+    assert_eq!(status["actions"]["breaker_tripped"], true, "{status}");
+    assert!(
+        status["actions"]["breaker"]
+            .as_str()
+            .unwrap()
+            .contains("2 actions within 600s"),
+        "{status}"
+    );
+    assert_eq!(agent.metric("osc_agent_action_breaker_tripped").await, 1.0);
+    assert_eq!(action_count(&agent, "skipped").await, 1.0);
+    assert_eq!(app.hups(), 2);
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
