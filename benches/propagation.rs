@@ -146,9 +146,6 @@ async fn latency_phase(
     // The agent must be subscribed (or it would miss the first hint) and done with its start syncs.
     agent.wait_settled(true).await?;
     let mut lat = Latencies::default();
-    if let Ok(d) = std::env::var("PRE_SLEEP_MS") {
-        tokio::time::sleep(Duration::from_millis(d.parse().unwrap())).await;
-    }
     for _ in 0..updates {
         *seq += 1;
         let value = marked_value(*seq);
@@ -174,15 +171,6 @@ async fn latency_phase(
         lat.put_ms.push(signed_ms(t0, sent));
     }
     agent.stop().await;
-    if std::env::var("DUMP").is_ok() {
-        eprintln!(
-            "{name} file: {:?}",
-            lat.file_ms
-                .iter()
-                .map(|x| (x * 10.0).round() / 10.0)
-                .collect::<Vec<_>>()
-        );
-    }
     Ok(lat)
 }
 
@@ -209,9 +197,7 @@ fn wait_file(dir: &Path, expected: &[u8], deadline: Instant) -> Option<Instant> 
         if seen > deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_micros(
-            std::env::var("POLL_US").map_or(100, |v| v.parse().unwrap()),
-        ));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 

@@ -1,7 +1,8 @@
 //! Kubernetes sinks, rollout-restart, environment discovery and RBAC against a real API server.
 //!
 //! Needs `$KUBECONFIG` (CI starts etcd + kube-apiserver + controller-manager with `.ci/k8s-env.sh`).
-//! Without it every test here prints SKIPPED and returns; with it, any misbehaviour fails the test.
+//! Without it every test here prints SKIPPED and returns (unless `OSC_REQUIRE_KUBE` is set, as in CI);
+//! with it, any misbehaviour fails the test.
 
 mod common;
 
@@ -20,6 +21,10 @@ const WAIT: Duration = Duration::from_secs(60);
 /// variable is not set.
 async fn cluster(test: &str) -> Option<(kube::Client, String)> {
     if std::env::var_os("KUBECONFIG").is_none() {
+        assert!(
+            std::env::var_os("OSC_REQUIRE_KUBE").is_none(),
+            "{test}: OSC_REQUIRE_KUBE is set but $KUBECONFIG is not"
+        );
         eprintln!(
             "SKIPPED {test}: $KUBECONFIG is not set (CI runs these against a real kube-apiserver)"
         );
