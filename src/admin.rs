@@ -102,7 +102,16 @@ async fn status(State(s): State<AdminState>) -> Response {
     let mut doc = s.telemetry.status_json();
     let h = s.telemetry.health(s.stale_after, s.stall);
     doc["healthy"] = json!(h.ok);
-    doc["health_reason"] = json!(h.reason);
+    // A tripped restart-loop breaker degrades the agent without failing liveness: a restart would reset
+    // the breaker and resume the loop it stopped.
+    let breaker = doc["actions"]["breaker"].as_str().map(str::to_owned);
+    let (state, reason) = match (h.ok, breaker) {
+        (false, _) => ("unhealthy", h.reason),
+        (true, Some(b)) => ("degraded", format!("{}; actions stopped: {b}", h.reason)),
+        (true, None) => ("ok", h.reason),
+    };
+    doc["status"] = json!(state);
+    doc["health_reason"] = json!(reason);
     json_response(StatusCode::OK, doc)
 }
 

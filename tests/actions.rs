@@ -462,6 +462,15 @@ async fn the_restart_loop_breaker_stops_actions_but_not_syncing() {
     );
     let status = agent.status().await;
     assert_eq!(status["actions"]["breaker_tripped"], true, "{status}");
+    assert_eq!(status["status"], "degraded", "{status}");
+    assert!(
+        status["health_reason"]
+            .as_str()
+            .unwrap()
+            .contains("actions stopped: restart-loop breaker tripped"),
+        "{status}"
+    );
+    assert_eq!(agent.get("/healthz").await.0, 200, "liveness is kept");
     assert!(
         status["actions"]["breaker"]
             .as_str()
