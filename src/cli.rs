@@ -29,6 +29,9 @@ pub enum Command {
     Backup(BackupCommand),
     /// Try it: a dev server with sample entries, synced into ./osc-demo/ and watched live.
     Demo(DemoArgs),
+    /// Validate a configuration (flags, env vars, config file and the files they name) without contacting
+    /// the server: `osc-agent check --server ... --environment ... --output-dir ...`.
+    Check(Box<crate::check::CheckArgs>),
 }
 
 #[derive(Subcommand, Debug)]

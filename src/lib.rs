@@ -9,6 +9,7 @@ pub mod action;
 pub mod admin;
 pub mod backoff;
 pub mod backup;
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;

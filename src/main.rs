@@ -38,6 +38,7 @@ fn main() -> ExitCode {
                 logging::init(LogFormat::Text);
                 run::inspect_backup(args).await.code()
             }
+            Some(Command::Check(args)) => osc_agent::check::run(*args).code(),
             None => agent(cli.agent).await.code(),
         }
     })

@@ -800,6 +800,12 @@ fn env_secret(var: &'static str) -> Option<SecretSource> {
 impl Settings {
     /// Validate merged arguments. Credentials are read once here so a missing or short key fails at start.
     pub fn from_args(a: AgentArgs) -> Result<Settings, ConfigError> {
+        Settings::validate(a, Files::Read)
+    }
+
+    /// Validate merged arguments; with [`Files::Skip`], credential, CA and backup files are not read
+    /// (`osc-agent check --skip-files`, for arguments rendered for another machine).
+    pub fn validate(a: AgentArgs, files: Files) -> Result<Settings, ConfigError> {
         let environment = a.environment.as_deref().map(str::trim).unwrap_or_default();
         if environment.is_empty() {
             return Err(ConfigError(format!(
@@ -827,9 +833,9 @@ impl Settings {
                         "--from-backup and --fallback-backup exclude each other".into(),
                     ));
                 }
-                Source::Backup(backup_file(&a, path, "from-backup")?)
+                Source::Backup(backup_file(&a, path, "from-backup", files)?)
             }
-            None => Source::Server(Box::new(server_settings(&a)?)),
+            None => Source::Server(Box::new(server_settings(&a, files)?)),
         };
 
         if a.output_dir.is_none()
@@ -913,7 +919,14 @@ impl Settings {
     }
 }
 
-fn server_settings(a: &AgentArgs) -> Result<Server, ConfigError> {
+/// Whether validation reads the files settings point to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Files {
+    Read,
+    Skip,
+}
+
+fn server_settings(a: &AgentArgs, files: Files) -> Result<Server, ConfigError> {
     let url = a
         .server
         .as_deref()
@@ -942,9 +955,11 @@ fn server_settings(a: &AgentArgs) -> Result<Server, ConfigError> {
             )));
         }
     };
-    user_key
-        .read_user_key()
-        .map_err(|e| ConfigError(e.to_string()))?;
+    if files == Files::Read {
+        user_key
+            .read_user_key()
+            .map_err(|e| ConfigError(e.to_string()))?;
+    }
     let api_key = match &a.api_key_file {
         Some(path) => Some(SecretSource::File {
             path: path.clone(),
@@ -960,10 +975,13 @@ fn server_settings(a: &AgentArgs) -> Result<Server, ConfigError> {
         None => env_secret("OSC_TOKEN"),
     };
     for src in api_key.iter().chain(token.iter()) {
-        src.read().map_err(|e| ConfigError(e.to_string()))?;
+        if files == Files::Read {
+            src.read().map_err(|e| ConfigError(e.to_string()))?;
+        }
     }
 
     if let Some(ca) = &a.ca_file
+        && files == Files::Read
         && !ca.is_file()
     {
         return Err(ConfigError(format!(
@@ -981,7 +999,7 @@ fn server_settings(a: &AgentArgs) -> Result<Server, ConfigError> {
         )));
     }
     let fallback = match &a.fallback_backup {
-        Some(path) => Some(backup_file(a, path, "fallback-backup")?),
+        Some(path) => Some(backup_file(a, path, "fallback-backup", files)?),
         None => None,
     };
     Ok(Server {
@@ -1006,8 +1024,13 @@ fn server_settings(a: &AgentArgs) -> Result<Server, ConfigError> {
 }
 
 /// A backup file named by `flag`, with its password (checked readable now).
-fn backup_file(a: &AgentArgs, path: &Path, flag: &str) -> Result<BackupFile, ConfigError> {
-    if !path.is_file() {
+fn backup_file(
+    a: &AgentArgs,
+    path: &Path,
+    flag: &str,
+    files: Files,
+) -> Result<BackupFile, ConfigError> {
+    if files == Files::Read && !path.is_file() {
         return Err(ConfigError(format!(
             "{}: '{}' is not a readable file",
             setting(flag),
@@ -1027,7 +1050,9 @@ fn backup_file(a: &AgentArgs, path: &Path, flag: &str) -> Result<BackupFile, Con
             )));
         }
     };
-    password.read().map_err(|e| ConfigError(e.to_string()))?;
+    if files == Files::Read {
+        password.read().map_err(|e| ConfigError(e.to_string()))?;
+    }
     Ok(BackupFile {
         path: path.to_owned(),
         password,

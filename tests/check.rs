@@ -1,0 +1,153 @@
+//! `osc-agent check`: validates without contacting anything (the server URL points at a closed port).
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_osc-agent");
+const SERVER: &str = "http://127.0.0.1:9"; // discard port: nothing listens, nothing may be contacted
+
+fn check(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .env_remove("OSC_USER_KEY")
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .output()
+        .expect("run osc-agent check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_valid_configuration_with_its_files_passes_and_is_summarised() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "check-user-key-123\n").unwrap();
+    let tpl = dir.path().join("app.j2");
+    std::fs::write(&tpl, "url={{ config.url }}\n").unwrap();
+    let template = format!(
+        "{}:{}",
+        tpl.display(),
+        dir.path().join("app.conf").display()
+    );
+    let out = dir.path().join("out").display().to_string();
+    let (code, stdout, stderr) = check(&[
+        "--server",
+        SERVER,
+        "--environment",
+        "prod",
+        "--user-key-file",
+        key.to_str().unwrap(),
+        "--output-dir",
+        &out,
+        "--template",
+        &template,
+        "--action",
+        "http:url=http://127.0.0.1:8080/-/reload",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("configuration OK\n"), "{stdout}");
+    assert!(
+        stdout.contains("environment  prod") && stdout.contains("action       http"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("check-user-key-123") && !stderr.contains("check-user-key-123"));
+    assert!(!dir.path().join("out").exists(), "check writes nothing");
+}
+
+#[test]
+fn missing_files_and_bad_templates_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").display().to_string();
+    let (code, _, stderr) = check(&[
+        "--server",
+        SERVER,
+        "--environment",
+        "prod",
+        "--user-key-file",
+        "/nonexistent/key",
+        "--output-dir",
+        &out,
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--user-key-file") && stderr.contains("/nonexistent/key"),
+        "{stderr}"
+    );
+
+    let key = dir.path().join("key");
+    std::fs::write(&key, "check-user-key-123").unwrap();
+    let tpl = dir.path().join("bad.j2");
+    std::fs::write(&tpl, "{% if %}").unwrap();
+    let template = format!("{}:{}", tpl.display(), dir.path().join("x").display());
+    let (code, _, stderr) = check(&[
+        "--server",
+        SERVER,
+        "--environment",
+        "prod",
+        "--user-key-file",
+        key.to_str().unwrap(),
+        "--template",
+        &template,
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("bad.j2"), "{stderr}");
+}
+
+#[test]
+fn skip_files_still_rejects_bad_flags() {
+    let base = [
+        "--skip-files",
+        "--server",
+        SERVER,
+        "--user-key-file",
+        "/var/run/secrets/osc/user-key",
+        "--output-dir",
+        "/config",
+    ];
+    // Files elsewhere are not read; the environment may come from the pod.
+    let out = Command::new(BIN)
+        .arg("check")
+        .args(base)
+        .env("POD_NAME", "app-0")
+        .env("POD_NAMESPACE", "default")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("from this pod's annotation"), "{stdout}");
+
+    let (code, _, stderr) = check(
+        &[
+            &base[..],
+            &["--environment", "prod", "--action", "bogus:x=1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--action") || stderr.contains("bogus"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(
+        &[
+            &base[..],
+            &["--environment", "prod", "--secret", "Not_A_Name"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--secret"), "{stderr}");
+    let (code, _, stderr) =
+        check(&[&base[..], &["--environment", "prod", "--no-such-flag"]].concat());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
