@@ -805,7 +805,7 @@ impl Settings {
 
     /// Validate merged arguments; with [`Files::Skip`], credential, CA and backup files are not read
     /// (`osc-agent check --skip-files`, for arguments rendered for another machine).
-    pub fn validate(a: AgentArgs, files: Files) -> Result<Settings, ConfigError> {
+    pub fn validate(a: AgentArgs, reads: Files) -> Result<Settings, ConfigError> {
         let environment = a.environment.as_deref().map(str::trim).unwrap_or_default();
         if environment.is_empty() {
             return Err(ConfigError(format!(
@@ -833,9 +833,9 @@ impl Settings {
                         "--from-backup and --fallback-backup exclude each other".into(),
                     ));
                 }
-                Source::Backup(backup_file(&a, path, "from-backup", files)?)
+                Source::Backup(backup_file(&a, path, "from-backup", reads)?)
             }
-            None => Source::Server(Box::new(server_settings(&a, files)?)),
+            None => Source::Server(Box::new(server_settings(&a, reads)?)),
         };
 
         if a.output_dir.is_none()
@@ -881,7 +881,7 @@ impl Settings {
             t.in_place |= in_place;
         }
         for t in &templates {
-            if !t.source.is_file() {
+            if reads == Files::Read && !t.source.is_file() {
                 return Err(ConfigError(format!(
                     "--template: source '{}' is not a readable file",
                     t.source.display()
