@@ -219,7 +219,7 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let files = values_files();
-    assert!(files.len() >= 7, "the values matrix: {files:?}");
+    assert!(files.len() >= 11, "the values matrix: {files:?}");
     for values in &files {
         let name = values.file_name().unwrap().to_string_lossy().into_owned();
         run(Command::new(&t.helm)
@@ -399,6 +399,51 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
                     spec["shareProcessNamespace"], true,
                     "{name}: restart-container"
                 );
+            }
+            "http-values.yaml" | "exec-values.yaml" => {
+                assert_eq!(
+                    sidecar_args
+                        .iter()
+                        .filter(|a| a.starts_with("--action="))
+                        .count(),
+                    1,
+                    "{name}"
+                );
+                assert!(spec["shareProcessNamespace"].is_null(), "{name}");
+                assert!(sc["capabilities"]["add"].is_null(), "{name}");
+                assert!(!has_api, "{name}");
+            }
+            "restart-values.yaml" => {
+                assert!(
+                    sidecar_args
+                        .contains(&"--action=restart-container:grace=15s,process=nginx".to_owned()),
+                    "{name}"
+                );
+                assert_eq!(spec["shareProcessNamespace"], true, "{name}");
+                assert_eq!(sc["capabilities"]["add"], json!(["KILL"]), "{name}");
+                assert!(!has_api, "{name}");
+            }
+            "rollout-values.yaml" => {
+                assert!(
+                    sidecar_args.contains(&"--action=rollout-restart".to_owned()),
+                    "{name}"
+                );
+                assert!(
+                    rules.contains(&"deployments:get,patch".to_owned()),
+                    "{name}: {rules:?}"
+                );
+                assert!(
+                    rules.contains(&"replicasets:get".to_owned()),
+                    "{name}: {rules:?}"
+                );
+                assert!(
+                    !rules
+                        .iter()
+                        .any(|r| r.starts_with("secrets") || r.starts_with("configmaps")),
+                    "{name}"
+                );
+                assert!(spec["shareProcessNamespace"].is_null(), "{name}");
+                assert!(sc["capabilities"]["add"].is_null(), "{name}");
             }
             "native-sidecar-values.yaml" => {
                 assert!(native, "{name}");
