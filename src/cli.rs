@@ -11,7 +11,8 @@ use crate::devserver::DevServerArgs;
     version,
     about = "Keeps files in sync with an OpenSecureConf server (sidecar, init container or one-shot).",
     after_help = "Exit codes: 0 ok, 1 internal error, 2 bad configuration, 3 server unreachable, \
-                  4 authentication failed or user key does not match, 5 partial failure (some outputs not written)."
+                  4 authentication failed or user key does not match, 5 partial failure (some outputs not written, \
+                  or with --once an action failed), 6 backup unusable."
 )]
 pub struct Cli {
     #[command(subcommand)]
