@@ -2,8 +2,9 @@
 //!
 //! `cargo bench --bench propagation` runs everything against ONE dev server process (started with
 //! `--queue-size 100000`, so no event is ever dropped) and prints a Markdown table for the README.
-//! `OSC_BENCH_UPDATES` sets the number of updates per agent configuration (default 200). Nothing
-//! here asserts timing: it measures and prints.
+//! `OSC_BENCH_UPDATES` sets the number of updates per agent configuration (default 200);
+//! `OSC_BENCH_BIN` runs another build of the binary (e.g. the static musl one). Nothing here asserts
+//! timing: it measures and prints.
 //!
 //! 1. **Propagation latency.** Sequential PUTs of key `k` in environment `bench`; t0 is when the PUT
 //!    response arrived. For each update we record when (a) a bare SSE reader in this process saw the
@@ -343,7 +344,10 @@ struct Proc {
 impl Proc {
     /// Spawn `osc-agent args` and wait (30 s at most) for the line `ready` extracts an address from.
     async fn spawn(args: &[&str], ready: fn(&str) -> Option<String>) -> Res<Proc> {
-        let mut child = Command::new(BIN)
+        // OSC_BENCH_BIN measures another build of the same sources (e.g. the static musl binary the
+        // image ships), for the dev server and the agents alike.
+        let bin = std::env::var("OSC_BENCH_BIN").unwrap_or_else(|_| BIN.to_owned());
+        let mut child = Command::new(bin)
             .args(args)
             .env_remove("OSC_USER_KEY")
             .env_remove("OSC_LOG")
