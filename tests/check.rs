@@ -151,3 +151,38 @@ fn skip_files_still_rejects_bad_flags() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--no-such-flag"), "{stderr}");
 }
+
+#[test]
+fn errors_never_quote_secrets_from_the_config_file_or_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        "server: http://127.0.0.1:9\naction:\n  - http: {url: \"http://127.0.0.1:8080/\", headers: \
+         {Authorization: \"Bearer HEADER-TOKEN-77\"}}\nbogus-key: 1\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&["--skip-files", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("bogus-key") && stderr.contains("line 4"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("HEADER-TOKEN-77"), "{stderr}");
+
+    let (code, _, stderr) = check(&[
+        "--skip-files",
+        "--server",
+        "https://user:URL-PASSWORD-88@osc.example",
+        "--environment",
+        "prod",
+        "--output-dir",
+        "/config",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("--server") && stderr.contains("credentials in the URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("URL-PASSWORD-88"), "{stderr}");
+}

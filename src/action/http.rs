@@ -229,6 +229,15 @@ fn without_credentials(url: &Url) -> String {
 }
 
 /// [`without_credentials`] for text that may not parse: drops everything up to an `@` in the authority.
+/// The URL as shown in logs and `/status`: without user name, password or query (which may hold tokens).
+pub fn shown_url(text: &str) -> String {
+    let shown = without_credentials_str(text);
+    match shown.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => shown,
+    }
+}
+
 fn without_credentials_str(text: &str) -> String {
     match text.split_once("://") {
         Some((scheme, rest)) => {

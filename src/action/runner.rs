@@ -139,13 +139,14 @@ impl Runner {
                 continue;
             }
             history.push_back(now);
-            last = Some(now);
             let ctx = ActionContext {
                 environment: self.environment.clone(),
                 hash,
                 changed_keys: keys.into_iter().collect(),
             };
             self.execute(&ctx).await;
+            // The cooldown counts from the end of a run (a restart with a grace period takes a while).
+            last = Some(Instant::now());
             queue.settled();
         }
     }
@@ -204,7 +205,7 @@ impl Runner {
             }
             ActionSpec::Http(h) => {
                 let status = http::call(&self.http, h, ctx).await?;
-                Ok(format!("{} answered {status}", h.url))
+                Ok(format!("{} answered {status}", http::shown_url(&h.url)))
             }
             ActionSpec::Exec(e) => {
                 let code = exec::run(e, ctx).await?;

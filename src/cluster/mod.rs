@@ -137,7 +137,7 @@ pub async fn workload_of(client: &kube::Client, pod: &PodRef) -> Result<Workload
             pod.name
         ))
     })?;
-    let owner = if owner.kind == "ReplicaSet" {
+    let owner = if owner.kind == "ReplicaSet" && owner.api_version == "apps/v1" {
         let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
         let r = rs
             .get(&owner.name)
@@ -153,15 +153,18 @@ pub async fn workload_of(client: &kube::Client, pod: &PodRef) -> Result<Workload
         owner
     };
     match owner.kind.as_str() {
-        "Deployment" | "StatefulSet" | "DaemonSet" => Ok(Workload {
-            kind: owner.kind.clone(),
-            name: owner.name.clone(),
-            namespace: ns.clone(),
-            reference: owner,
-        }),
+        "Deployment" | "StatefulSet" | "DaemonSet" if owner.api_version == "apps/v1" => {
+            Ok(Workload {
+                kind: owner.kind.clone(),
+                name: owner.name.clone(),
+                namespace: ns.clone(),
+                reference: owner,
+            })
+        }
         other => Err(ClusterError(format!(
-            "pod '{}' is owned by a {other}; rollout-restart supports Deployment, StatefulSet and DaemonSet",
-            pod.name
+            "pod '{}' is owned by a {other} ({}); rollout-restart supports apps/v1 Deployment, StatefulSet \
+             and DaemonSet",
+            pod.name, owner.api_version
         ))),
     }
 }

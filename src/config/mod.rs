@@ -618,7 +618,10 @@ fn load_yaml_file(path: &Path) -> Result<AgentArgs, ConfigError> {
     if text.trim().is_empty() {
         return Ok(AgentArgs::default());
     }
-    serde_saphyr::from_str(&text).map_err(|e| {
+    // No source snippet in errors: the lines around a typo may hold a token (e.g. an http header).
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options(&text, options).map_err(|e| {
         ConfigError(format!(
             "--config '{}': {}",
             path.display(),
@@ -942,6 +945,13 @@ fn server_settings(a: &AgentArgs, files: Files) -> Result<Server, ConfigError> {
                 setting("server")
             ))
         })?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError(format!(
+            "{}: credentials in the URL are not accepted (they would show in logs); use --token-file or \
+             --api-key-file",
+            setting("server")
+        )));
+    }
     let user_key = match (&a.user_key_file, env_secret("OSC_USER_KEY")) {
         (Some(path), _) => SecretSource::File {
             path: path.clone(),

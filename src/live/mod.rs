@@ -141,6 +141,11 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                 Err(e) => {
                     log_failure(&e);
                     telemetry.on_sync_error(&e.to_string(), took);
+                    if matches!(e, SyncError::Write { .. }) {
+                        // Some outputs may hold the new content already: repairing "drift" from the
+                        // previous render would flip them back. The retry writes them all.
+                        last = None;
+                    }
                     if !degraded_checked && !telemetry.ready() && is_unreachable(&e) {
                         degraded_checked = true;
                         if degrade(&agent, &telemetry).await {
@@ -182,14 +187,22 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                     StreamEvent::KeepAlive | StreamEvent::Disconnected { .. } => {}
                 }
             }
-            Some(trigger) = triggers.recv() => match trigger {
-                Trigger::Sync(reason) => sync_now = Some(reason),
-                Trigger::Drift => drift = Some(Instant::now() + live.wait_min),
-                Trigger::Credentials => {
-                    if retry_at.is_some() {
-                        info!("credential file changed: retrying now");
-                        sync_now = Some("credentials changed");
+            Some(trigger) = triggers.recv() => {
+                // Everything queued is handled at once: a burst of POST /sync or SIGHUP costs one
+                // reconcile, and the queue is emptied before each one.
+                let mut next = Some(trigger);
+                while let Some(trigger) = next {
+                    match trigger {
+                        Trigger::Sync(reason) => sync_now = Some(reason),
+                        Trigger::Drift => drift = Some(Instant::now() + live.wait_min),
+                        Trigger::Credentials => {
+                            if retry_at.is_some() {
+                                info!("credential file changed: retrying now");
+                                sync_now = Some("credentials changed");
+                            }
+                        }
                     }
+                    next = triggers.try_recv().ok();
                 }
             },
             _ = tokio::time::sleep_until(wake.into()) => {}

@@ -77,7 +77,14 @@ impl ObjectSink {
             .or_else(|| pod.map(|p| p.namespace.clone()))
             .unwrap_or_else(|| client.default_namespace().to_owned());
         let owner = match (objects.owner_reference, pod) {
-            (true, Some(pod)) => Some(cluster::workload_of(&client, pod).await?.reference),
+            (true, Some(pod)) => {
+                let mut r = cluster::workload_of(&client, pod).await?.reference;
+                // Owned for garbage collection only: a controller or blockOwnerDeletion reference needs
+                // extra permissions where OwnerReferencesPermissionEnforcement is on.
+                r.controller = None;
+                r.block_owner_deletion = None;
+                Some(r)
+            }
             _ => None,
         };
         let mut targets = vec![];
@@ -210,12 +217,13 @@ impl ObjectSink {
     /// The hash annotation of the live object (`None` if it does not exist yet).
     async fn current_hash(&self, kind: Kind, name: &str) -> Result<Option<String>, String> {
         let meta = match kind {
+            // Metadata only: the Secret's data never has to cross the wire (or reach a client log).
             Kind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
-                .get_opt(name)
+                .get_metadata_opt(name)
                 .await
                 .map(|o| o.map(|o| o.metadata)),
             Kind::Secret => Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
-                .get_opt(name)
+                .get_metadata_opt(name)
                 .await
                 .map(|o| o.map(|o| o.metadata)),
         }
