@@ -150,6 +150,13 @@ impl Agent {
         })
     }
 
+    /// Re-check the ConfigMap/Secret on the next apply instead of trusting the remembered hash.
+    pub fn recheck_objects(&self) {
+        if let Some(sink) = &self.objects {
+            sink.forget_applied();
+        }
+    }
+
     /// Also apply to a ConfigMap and/or Secret.
     pub fn with_objects(mut self, sink: Option<ObjectSink>) -> Agent {
         self.objects = sink.map(Arc::new);

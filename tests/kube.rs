@@ -588,3 +588,51 @@ async fn the_documented_role_is_enough_and_a_missing_verb_is_explained() {
     );
     cleanup(&client, &ns).await;
 }
+
+#[tokio::test]
+async fn a_deleted_secret_is_recreated_by_the_periodic_resync() {
+    let Some((client, ns)) = cluster("recreate").await else {
+        return;
+    };
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    server
+        .api()
+        .create("prod", "token", json!("k8s-recreated-value"))
+        .await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let args = live_args(
+        &server.url,
+        &scratch,
+        &out,
+        &[
+            "--secret",
+            "live-secret",
+            "--namespace",
+            &ns,
+            "--resync-interval",
+            "1s",
+        ],
+    );
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let uid = secrets.get("live-secret").await.unwrap().metadata.uid;
+    secrets
+        .delete("live-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the Secret recreated", WAIT, || async {
+        secrets
+            .get_opt("live-secret")
+            .await
+            .unwrap()
+            .is_some_and(|s| s.metadata.uid != uid)
+    })
+    .await;
+    let secret = secrets.get("live-secret").await.unwrap();
+    assert_eq!(secret.data.unwrap()["token"].0, b"k8s-recreated-value");
+    logs.assert_free_of(&["k8s-recreated-value", USER_KEY]);
+    cleanup(&client, &ns).await;
+}

@@ -118,13 +118,20 @@ pub async fn restart(
         }
         tokio::time::sleep(EXIT_POLL.min(deadline - now)).await;
     }
+    // Every survivor gets its SIGKILL even if one is refused; the refusals are reported together.
+    let mut refused = vec![];
     for live in pending {
-        if kill_if_alive(&live)? {
-            tracing::warn!(process = %live.process, grace = ?grace, "still running after SIGTERM: sent SIGKILL");
-            outcome.killed.push(live.process);
-        } else {
-            outcome.terminated.push(live.process);
+        match kill_if_alive(&live) {
+            Ok(true) => {
+                tracing::warn!(process = %live.process, grace = ?grace, "still running after SIGTERM: sent SIGKILL");
+                outcome.killed.push(live.process);
+            }
+            Ok(false) => outcome.terminated.push(live.process),
+            Err(e) => refused.push(e.0),
         }
+    }
+    if !refused.is_empty() {
+        return Err(ActionError(refused.join("; ")));
     }
     Ok(outcome)
 }

@@ -215,6 +215,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
             sync_now = Some("retry");
         } else if next_resync <= now {
             sync_now = Some("periodic resync");
+            agent.recheck_objects();
         }
         if drift.is_some_and(|t| t <= now) {
             drift = None;

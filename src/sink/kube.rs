@@ -214,6 +214,14 @@ impl ObjectSink {
         }
     }
 
+    /// Forget which content the objects hold, so the next apply reads their metadata again (a periodic
+    /// resync thus recreates an object someone deleted, and repairs a changed hash annotation).
+    pub fn forget_applied(&self) {
+        if let Ok(mut m) = self.applied.lock() {
+            m.clear();
+        }
+    }
+
     /// The hash annotation of the live object (`None` if it does not exist yet).
     async fn current_hash(&self, kind: Kind, name: &str) -> Result<Option<String>, String> {
         let meta = match kind {
