@@ -100,7 +100,7 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
                 let changed = !applied.report.changed.is_empty();
                 if let Some(runner) = runner
                     && changed
-                    && (existed || settings.actions.act_on_start)
+                    && (existed || agent.objects_found_earlier() || settings.actions.act_on_start)
                 {
                     let ctx = ActionContext {
                         environment: settings.environment.clone(),

@@ -150,6 +150,11 @@ impl Agent {
         })
     }
 
+    /// Whether a ConfigMap/Secret output already held an earlier run's content when first checked.
+    pub fn objects_found_earlier(&self) -> bool {
+        self.objects.as_ref().is_some_and(|o| o.found_earlier())
+    }
+
     /// Re-check the ConfigMap/Secret on the next apply instead of trusting the remembered hash.
     pub fn recheck_objects(&self) {
         if let Some(sink) = &self.objects {

@@ -636,3 +636,40 @@ async fn a_deleted_secret_is_recreated_by_the_periodic_resync() {
     logs.assert_free_of(&["k8s-recreated-value", USER_KEY]);
     cleanup(&client, &ns).await;
 }
+
+#[tokio::test]
+async fn an_earlier_runs_secret_makes_the_next_change_an_ordinary_one() {
+    let Some((client, ns)) = cluster("earlier").await else {
+        return;
+    };
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "token", json!("k8s-earlier-value-1"))
+        .await;
+    let scratch = Scratch::new();
+    let marker = scratch.path("ran");
+    let script = scratch.write("mark.sh", &format!("echo ran >> {}\n", marker.display()));
+    let exec = format!("exec:command=sh {}", script.display());
+    let args = [
+        "--environment",
+        "prod",
+        "--secret",
+        "earlier",
+        "--namespace",
+        &ns,
+        "--action",
+        &exec,
+    ];
+    let runs = || std::fs::read_to_string(&marker).map_or(0, |s| s.lines().count());
+    // Fresh start: the Secret is created, nobody is told.
+    let r = once(&logs, &server, &scratch, &args, &[]).await;
+    assert_eq!((r.code, runs()), (0, 0), "{r:?}");
+    // A later run finds the earlier run's Secret: a change is acted on, as with files.
+    api.update("prod", "token", json!("k8s-earlier-value-2"))
+        .await;
+    let r = once(&logs, &server, &scratch, &args, &[]).await;
+    assert_eq!((r.code, runs()), (0, 1), "{r:?}");
+    logs.assert_free_of(&["k8s-earlier-value", USER_KEY]);
+    cleanup(&client, &ns).await;
+}

@@ -121,7 +121,8 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                     if let Some(queue) = &actions
                         && !applied.report.changed.is_empty()
                     {
-                        if first_apply && !existed_at_start && !settings.actions.act_on_start {
+                        let existed = existed_at_start || agent.objects_found_earlier();
+                        if first_apply && !existed && !settings.actions.act_on_start {
                             info!("first sync of a fresh start: no action (see --act-on-start)");
                         } else {
                             let keys = changed_keys(digests.as_ref(), &applied.digests);

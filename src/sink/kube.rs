@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -48,6 +49,8 @@ pub struct ObjectSink {
     owner: Option<OwnerReference>,
     /// Content hash known to be in each object (`kind/name`).
     applied: Mutex<HashMap<String, String>>,
+    /// An object already carried our hash annotation (an earlier run's output) when first checked.
+    found_earlier: AtomicBool,
 }
 
 impl std::fmt::Debug for ObjectSink {
@@ -102,6 +105,7 @@ impl ObjectSink {
             environment: environment.to_owned(),
             owner,
             applied: Mutex::new(HashMap::new()),
+            found_earlier: AtomicBool::new(false),
         }))
     }
 
@@ -147,7 +151,13 @@ impl ObjectSink {
         let known = self.applied.lock().ok().and_then(|m| m.get(&id).cloned());
         let known = match known {
             Some(h) => Some(h),
-            None => self.current_hash(kind, name).await?,
+            None => {
+                let live = self.current_hash(kind, name).await?;
+                if live.is_some() {
+                    self.found_earlier.store(true, Ordering::Relaxed);
+                }
+                live
+            }
         };
         if known.as_deref() == Some(payload.hash.as_str()) {
             self.remember(&id, &payload.hash);
@@ -212,6 +222,12 @@ impl ObjectSink {
         if let Ok(mut m) = self.applied.lock() {
             m.insert(id.to_owned(), hash.to_owned());
         }
+    }
+
+    /// Whether an object was already managed by an earlier run (like existing files, this makes the
+    /// first change of this run an ordinary change, acted on).
+    pub fn found_earlier(&self) -> bool {
+        self.found_earlier.load(Ordering::Relaxed)
     }
 
     /// Forget which content the objects hold, so the next apply reads their metadata again (a periodic
