@@ -467,18 +467,32 @@ mod tests {
 
     /// `sleep 30` whose argv[0] is `argv0`.
     fn spawn_sleep(argv0: &str) -> Child {
-        Command::new("sleep")
+        let child = Command::new("sleep")
             .arg0(argv0)
             .arg("30")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn sleep")
+            .expect("spawn sleep");
+        wait_exec(&child, argv0);
+        child
+    }
+
+    /// Waits (10 s deadline) until the child's `/proc` command line shows `text`: until then a scan
+    /// may still see the forked test process instead of the new program.
+    fn wait_exec(child: &Child, text: &str) {
+        let cmdline = format!("/proc/{}/cmdline", child.id().expect("running"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read(&cmdline).is_ok_and(|c| c.windows(text.len()).any(|w| w == text.as_bytes()))
+        {
+            assert!(Instant::now() < deadline, "{cmdline} never showed {text}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// `sh -c SCRIPT MARKER` (the marker, as `$0`, makes the command line unique).
     fn spawn_sh(script: &str, marker: &str, dir: &Path) -> Child {
-        Command::new("sh")
+        let child = Command::new("sh")
             .arg("-c")
             .arg(script)
             .arg(marker)
@@ -486,7 +500,9 @@ mod tests {
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn sh")
+            .expect("spawn sh");
+        wait_exec(&child, marker);
+        child
     }
 
     fn pid_of(child: &Child) -> i32 {
@@ -587,12 +603,14 @@ mod tests {
         let name = format!("{}-with-a-long-name", unique("c"));
         let link = dir.path().join(&name);
         std::os::unix::fs::symlink("/usr/bin/sleep", &link).expect("symlink");
+        let argv0 = unique("other-");
         let mut child = Command::new(&link)
-            .arg0(unique("other-"))
+            .arg0(&argv0)
             .arg("30")
             .kill_on_drop(true)
             .spawn()
             .expect("spawn");
+        wait_exec(&child, &argv0);
         let pid = pid_of(&child);
 
         let found = find(&by_name(&name)).expect("by comm");
