@@ -130,13 +130,18 @@ async fn action_count(agent: &AgentProc, result: &str) -> f64 {
         .sum()
 }
 
+/// Logs, a dev server (started with `args`) holding `k = secret(0)` in `prod`, and a scratch directory.
+async fn with_k(args: &[&str]) -> (Logs, DevServer, Scratch) {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, args).await;
+    server.api().create("prod", "k", json!(secret(0))).await;
+    (logs, server, Scratch::new())
+}
+
 #[tokio::test]
 async fn signal_once_per_generation_never_on_no_op_or_fresh_start() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &[]).await;
+    let (logs, server, scratch) = with_k(&[]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
-    let scratch = Scratch::new();
     let app = Counter::start(&scratch, "app", false);
     let action = format!("signal:cmdline={},signal=HUP", app.pattern);
     let agent = agent(
@@ -186,11 +191,8 @@ async fn post_sync(agent: &AgentProc) {
 
 #[tokio::test]
 async fn a_burst_of_100_updates_signals_at_most_twice() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &["--queue-size", "500"]).await;
+    let (logs, server, scratch) = with_k(&["--queue-size", "500"]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
-    let scratch = Scratch::new();
     let app = Counter::start(&scratch, "app", false);
     let action = format!("signal:cmdline={}", app.pattern);
     // Default cooldown (5 s): generations arriving after the first action are coalesced into one more.
@@ -210,11 +212,8 @@ async fn a_burst_of_100_updates_signals_at_most_twice() {
 
 #[tokio::test]
 async fn a_signal_matching_nothing_is_a_clear_error_and_files_still_sync() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &[]).await;
+    let (logs, server, scratch) = with_k(&[]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
-    let scratch = Scratch::new();
     let agent = agent(
         &logs,
         &server,
@@ -240,11 +239,8 @@ async fn a_signal_matching_nothing_is_a_clear_error_and_files_still_sync() {
 
 #[tokio::test]
 async fn once_mode_acts_only_on_change_and_exits_5_when_the_action_fails() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &[]).await;
+    let (logs, server, scratch) = with_k(&[]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
-    let scratch = Scratch::new();
     let out = scratch.path("out");
     let marker = scratch.path("ran");
     let script = scratch.write("mark.sh", &format!("echo ran >> {}\n", marker.display()));
@@ -277,11 +273,8 @@ async fn once_mode_acts_only_on_change_and_exits_5_when_the_action_fails() {
 
 #[tokio::test]
 async fn restart_container_terminates_and_kills_after_the_grace_period() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &[]).await;
+    let (logs, server, scratch) = with_k(&[]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
-    let scratch = Scratch::new();
     let mut polite = Counter::start(&scratch, "polite", false);
     let mut stubborn = Counter::start(&scratch, "stubborn", true);
     let a = format!("restart-container:cmdline={}", polite.pattern);
@@ -342,12 +335,9 @@ async fn reload_endpoint(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
 
 #[tokio::test]
 async fn http_reload_is_retried_until_it_succeeds() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &[]).await;
+    let (logs, server, scratch) = with_k(&[]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
     let (url, seen) = reload_endpoint(2).await;
-    let scratch = Scratch::new();
     let action = format!("http:url={url},retries=3");
     let agent = agent(&logs, &server, &scratch, &["--action", &action]).await;
     api.update("prod", "k", json!(secret(1))).await;
@@ -424,11 +414,8 @@ async fn exec_gets_changed_keys_and_hash_never_values() {
 
 #[tokio::test]
 async fn the_restart_loop_breaker_stops_actions_but_not_syncing() {
-    let logs = Logs::default();
-    let server = DevServer::start(&logs, &[]).await;
+    let (logs, server, scratch) = with_k(&[]).await;
     let api = server.api();
-    api.create("prod", "k", json!(secret(0))).await;
-    let scratch = Scratch::new();
     let app = Counter::start(&scratch, "app", false);
     let action = format!("signal:cmdline={}", app.pattern);
     let agent = agent(
