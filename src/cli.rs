@@ -12,7 +12,7 @@ use crate::devserver::DevServerArgs;
     about = "Keeps files in sync with an OpenSecureConf server (sidecar, init container or one-shot).",
     after_help = "Exit codes: 0 ok, 1 internal error, 2 bad configuration, 3 server unreachable, \
                   4 authentication failed or user key does not match, 5 partial failure (some outputs not written, \
-                  or with --once an action failed), 6 backup unusable."
+                  or with --once an action failed), 6 backup unusable, 7 the environment has no entry (see --allow-empty)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -20,6 +20,8 @@ pub enum Exit {
     /// A backup file could not be read, decrypted or used (wrong password, corrupted, truncated,
     /// empty, unknown version, no entry for the environment).
     Backup = 6,
+    /// The environment has no entry (after filters) and `--allow-empty` is not set: nothing written.
+    Empty = 7,
 }
 
 impl Exit {

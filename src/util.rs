@@ -1,6 +1,9 @@
 //! Small helpers shared by several stages.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::io;
+use std::path::Path;
 
 /// A short, secret-free reason for an I/O error (`permission denied`, `not found`, ...).
 pub fn io_reason(e: &io::Error) -> String {
@@ -30,4 +33,62 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Make text from outside (a key name, a path, a server-provided name) safe for one log line or error
+/// message: control characters (C0, DEL, C1) and Unicode line/paragraph separators and bidirectional
+/// overrides are written as escapes (`\n`, `\r`, `\t`, `\0`, `\u{1b}`), backslashes doubled. Plain
+/// text is returned as is, without copying.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    fn needs(c: char) -> bool {
+        c == '\\'
+            || c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(needs) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\0' => out.push_str("\\0"),
+            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// [`escape`] for a path (non-UTF-8 bytes shown as U+FFFD).
+pub fn escape_path(path: &Path) -> String {
+    escape(&path.to_string_lossy()).into_owned()
+}
+
+/// Displays a string through [`escape`]: `format!("key '{}'", Escaped(key))`.
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&escape(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_control_characters_only() {
+        assert!(matches!(escape("db.url"), Cow::Borrowed("db.url")));
+        assert_eq!(escape("a\nb\r\t\0"), "a\\nb\\r\\t\\0");
+        assert_eq!(escape("\u{1b}[31m"), "\\u{1b}[31m");
+        assert_eq!(escape("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(escape("back\\slash"), "back\\\\slash");
+        assert_eq!(escape("héllo"), "héllo");
+        assert_eq!(Escaped("k\ney").to_string(), "k\\ney");
+    }
 }

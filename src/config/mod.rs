@@ -6,6 +6,7 @@
 
 mod duration;
 mod secret;
+mod size;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 pub use duration::HumanDuration;
 pub use secret::{CredentialError, Secret, SecretSource};
+pub use size::ByteSize;
 
 /// A setting is invalid. The message is one line naming the flag, env var, file or key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +289,15 @@ pub struct AgentArgs {
         help_heading = "Server"
     )]
     pub retry_max_delay: Option<HumanDuration>,
+    /// Largest response body accepted from the server (a list of the whole environment), e.g. 16Mi;
+    /// a bigger answer is an error and nothing is written [default: 16Mi].
+    #[arg(
+        long,
+        env = "OSC_MAX_RESPONSE_SIZE",
+        value_name = "SIZE",
+        help_heading = "Server"
+    )]
+    pub max_response_size: Option<ByteSize>,
 
     /// Directory receiving one file per key (ConfigMap-volume layout, atomic `..data` swaps).
     #[arg(
@@ -434,6 +445,15 @@ pub struct AgentArgs {
     #[arg(long, env = "OSC_DRIFT_REPAIR", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = bool_flag(), value_name = "BOOL", help_heading = "Live sync")]
     pub drift_repair: Option<bool>,
+    /// Least time between two on-demand reconciles (`POST /sync`, SIGHUP); requests meanwhile are
+    /// coalesced into the next one [default: 5s].
+    #[arg(
+        long,
+        env = "OSC_SYNC_MIN_INTERVAL",
+        value_name = "DURATION",
+        help_heading = "Live sync"
+    )]
+    pub sync_min_interval: Option<HumanDuration>,
 
     /// File holding the password of --fallback-backup / --from-backup. Or set $OSC_BACKUP_PASSWORD.
     #[arg(
@@ -560,6 +580,11 @@ pub struct AgentArgs {
     #[arg(long, env = "OSC_ONCE", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_parser = bool_flag(), value_name = "BOOL", help_heading = "Run")]
     pub once: Option<bool>,
+    /// Accept an environment with no entry (after filters): write empty outputs. Without it, --once fails
+    /// with exit 7 and the live loop keeps the files it has.
+    #[arg(long, env = "OSC_ALLOW_EMPTY", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = bool_flag(), value_name = "BOOL", help_heading = "Run")]
+    pub allow_empty: Option<bool>,
     /// Log format [default: text].
     #[arg(
         long,
@@ -593,7 +618,8 @@ impl AgentArgs {
                  reconnect_initial_delay, reconnect_multiplier, reconnect_max_delay, reconnect_max_attempts,
                  drift_repair, backup_password_file, fallback_backup, from_backup, ready_when_stale,
                  configmap, secret, namespace, force_conflicts, owner_reference, pod_name, pod_namespace,
-                 act_on_start, action_cooldown, max_actions, action_window;
+                 act_on_start, action_cooldown, max_actions, action_window, max_response_size,
+                 sync_min_interval, allow_empty;
             vec: include, exclude, category, output, template, action)
     }
 
@@ -702,6 +728,8 @@ pub struct Live {
     pub reconnect_max_delay: Duration,
     pub reconnect_max_attempts: i64,
     pub drift_repair: bool,
+    /// Least time between two on-demand reconciles (`POST /sync`, SIGHUP).
+    pub sync_min_interval: Duration,
 }
 
 /// An encrypted backup file and its password.
@@ -720,6 +748,8 @@ pub struct Server {
     pub insecure_skip_tls_verify: bool,
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Largest response body accepted, in bytes.
+    pub max_response_size: u64,
     /// Rendered when the server is unreachable at start and no earlier files exist.
     pub fallback: Option<BackupFile>,
 }
@@ -776,6 +806,8 @@ pub struct Settings {
     pub actions: Actions,
     pub pod: Option<PodRef>,
     pub once: bool,
+    /// An environment with no selected entry may replace non-empty outputs (`--allow-empty`).
+    pub allow_empty: bool,
     pub ready_when_stale: bool,
     pub live: Live,
     pub log_format: LogFormat,
@@ -917,6 +949,7 @@ impl Settings {
                 },
             },
             once: a.once.unwrap_or(false),
+            allow_empty: a.allow_empty.unwrap_or(false),
             log_format: a.log_format.unwrap_or_default(),
         })
     }
@@ -1008,6 +1041,13 @@ fn server_settings(a: &AgentArgs, files: Files) -> Result<Server, ConfigError> {
             setting("request-timeout")
         )));
     }
+    let max_response_size = a.max_response_size.map_or(16 << 20, |s| s.0);
+    if max_response_size < 1024 {
+        return Err(ConfigError(format!(
+            "{} must be at least 1Ki",
+            setting("max-response-size")
+        )));
+    }
     let fallback = match &a.fallback_backup {
         Some(path) => Some(backup_file(a, path, "fallback-backup", files)?),
         None => None,
@@ -1029,6 +1069,7 @@ fn server_settings(a: &AgentArgs, files: Files) -> Result<Server, ConfigError> {
                 .map_or(Duration::from_millis(500), |d| d.0),
             max_delay: a.retry_max_delay.map_or(Duration::from_secs(10), |d| d.0),
         },
+        max_response_size,
         fallback,
     })
 }
@@ -1152,6 +1193,7 @@ fn live_settings(a: &AgentArgs) -> Result<Live, ConfigError> {
         reconnect_max_delay: d(a.reconnect_max_delay, Duration::from_secs(60)),
         reconnect_max_attempts: a.reconnect_max_attempts.unwrap_or(-1),
         drift_repair: a.drift_repair.unwrap_or(true),
+        sync_min_interval: d(a.sync_min_interval, Duration::from_secs(5)),
     };
     if live.wait_max < live.wait_min {
         return Err(ConfigError(format!(
