@@ -196,6 +196,9 @@ fn write_generation(
             std::os::unix::fs::chown(&path, opts.uid, opts.gid)?;
         }
         for (file, bytes) in files {
+            if super::aborting() {
+                return Err(std::io::Error::other("abandoned: the agent is shutting down"));
+            }
             create_file(&path.join(file), bytes, opts)?;
         }
         sync_dir(&path)

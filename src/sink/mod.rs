@@ -11,6 +11,7 @@ pub mod kube;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::FileOptions;
 use crate::render::Rendered;
@@ -32,6 +33,19 @@ impl SinkError {
             reason: crate::util::io_reason(e),
         }
     }
+}
+
+static ABORT: AtomicBool = AtomicBool::new(false);
+
+/// Ask writes in progress to stop (shutdown): a new generation being written is abandoned between two
+/// files and removed, leaving the current one untouched. Process-wide and permanent.
+pub fn abort_writes() {
+    ABORT.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`abort_writes`] was called.
+pub fn aborting() -> bool {
+    ABORT.load(Ordering::SeqCst)
 }
 
 /// What one write pass did.
