@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod devserver;
 pub mod exit;
+pub mod hash;
 pub mod live;
 pub mod logging;
 pub mod render;

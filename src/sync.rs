@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use crate::config::{BackupFile, ConfigError, Outputs, Settings, Source};
+use crate::hash::ContentHasher;
 use crate::render::{RejectedKey, RenderError, Rendered, Renderer};
 use crate::sink::kube::ObjectSink;
 use crate::sink::{self, SinkError, WriteReport};
@@ -20,10 +21,10 @@ use crate::state::{Filter, Snapshot};
 pub struct SyncReport {
     /// Entries selected after filtering.
     pub keys: usize,
-    /// Content hash of everything rendered (outputs, paths and formats included).
+    /// Keyed content hash of everything rendered (outputs, paths and formats included).
     pub hash: String,
-    /// Hash of the selected entries only (keys and values): equal on every replica that reads the same
-    /// data, whatever its output paths. Actions and rollout-restart use it.
+    /// Keyed hash of the selected entries only (keys and values): equal on every replica that reads the
+    /// same data with the same user key, whatever its output paths. Actions and rollout-restart use it.
     pub config_hash: String,
     /// Outputs whose content changed.
     pub changed: Vec<PathBuf>,
@@ -62,7 +63,7 @@ fn first(errors: &[SinkError]) -> String {
 pub struct Applied {
     pub report: SyncReport,
     pub rendered: Arc<Rendered>,
-    /// SHA-256 of each selected entry's value, to tell actions which keys changed.
+    /// Keyed hash of each selected entry's value, to tell actions which keys changed.
     pub digests: BTreeMap<String, String>,
 }
 
@@ -129,6 +130,7 @@ pub struct Agent {
     environment: String,
     outputs: Outputs,
     objects: Option<Arc<ObjectSink>>,
+    hasher: ContentHasher,
 }
 
 impl Agent {
@@ -140,10 +142,16 @@ impl Agent {
             },
             Source::Backup(file) => Origin::Backup(file.clone()),
         };
+        let hasher = content_hasher(&settings.source)?;
         Ok(Agent {
             origin,
             filter: Filter::new(&settings.selection)?,
-            renderer: Arc::new(Renderer::new(&settings.outputs, settings.objects.any())?),
+            renderer: Arc::new(Renderer::new(
+                &settings.outputs,
+                settings.objects.any(),
+                hasher.clone(),
+            )?),
+            hasher,
             environment: settings.environment.clone(),
             outputs: settings.outputs.clone(),
             objects: None,
@@ -235,9 +243,9 @@ impl Agent {
         let digests: BTreeMap<String, String> = snapshot
             .entries
             .iter()
-            .map(|(k, e)| (k.clone(), value_digest(&e.value)))
+            .map(|(k, e)| (k.clone(), value_digest(&self.hasher, &e.value)))
             .collect();
-        let config_hash = config_hash(&digests);
+        let config_hash = config_hash(&self.hasher, &digests);
         let renderer = self.renderer.clone();
         let rendered = tokio::task::spawn_blocking(move || renderer.render(&snapshot))
             .await
@@ -299,20 +307,30 @@ impl Agent {
     }
 }
 
-/// Digest of one entry's value (its compact JSON), used to tell which keys changed.
-pub fn value_digest(value: &serde_json::Value) -> String {
-    crate::util::sha256_hex(value.to_string().as_bytes())
+/// The hashing key: derived from the user key (or the backup password with `--from-backup`), so that
+/// replicas agree and no plain digest of a value ever leaves the process.
+fn content_hasher(source: &Source) -> Result<ContentHasher, ConfigError> {
+    let secret = match source {
+        Source::Server(server) => server.credentials.user_key.read_user_key(),
+        Source::Backup(file) => file.password.read(),
+    };
+    secret
+        .map(|s| ContentHasher::derive(&s))
+        .map_err(|e| ConfigError(e.to_string()))
+}
+
+/// Keyed digest of one entry's value (its compact JSON), used to tell which keys changed.
+pub fn value_digest(hasher: &ContentHasher, value: &serde_json::Value) -> String {
+    hasher.hex(value.to_string().as_bytes())
 }
 
 /// The configuration hash: of the selected keys and their values only, so it is the same for every
 /// replica whatever its output paths or formats (actions and `rollout-restart` carry it; `/status` shows
 /// it as `sync.config_hash`). `digests` maps each key to its [`value_digest`].
-pub fn config_hash(digests: &BTreeMap<String, String>) -> String {
-    crate::util::sha256_hex(
+pub fn config_hash(hasher: &ContentHasher, digests: &BTreeMap<String, String>) -> String {
+    hasher.fields(
         digests
             .iter()
-            .map(|(k, d)| format!("{}:{k}={d}\n", k.len()))
-            .collect::<String>()
-            .as_bytes(),
+            .flat_map(|(k, d)| [k.as_bytes(), d.as_bytes()]),
     )
 }

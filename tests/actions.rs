@@ -101,13 +101,18 @@ async fn agent(logs: &Logs, server: &DevServer, scratch: &Scratch, extra: &[&str
     agent
 }
 
-/// The configuration hash the agent computes for these entries.
+/// The configuration hash the agent computes for these entries: keyed with the user key, so any
+/// process holding the same key (another replica) computes the same one.
 fn config_hash(entries: &[(&str, Value)]) -> String {
+    static HASHER: std::sync::OnceLock<osc_agent::hash::ContentHasher> = std::sync::OnceLock::new();
+    let hasher = HASHER.get_or_init(|| {
+        osc_agent::hash::ContentHasher::derive(&osc_agent::config::Secret::new(USER_KEY.into()))
+    });
     let digests: BTreeMap<String, String> = entries
         .iter()
-        .map(|(k, v)| (k.to_string(), osc_agent::sync::value_digest(v)))
+        .map(|(k, v)| (k.to_string(), osc_agent::sync::value_digest(hasher, v)))
         .collect();
-    osc_agent::sync::config_hash(&digests)
+    osc_agent::sync::config_hash(hasher, &digests)
 }
 
 /// Waits until the agent has applied exactly this content and no action is pending or running.

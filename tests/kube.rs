@@ -673,3 +673,76 @@ async fn an_earlier_runs_secret_makes_the_next_change_an_ordinary_one() {
     logs.assert_free_of(&["k8s-earlier-value", USER_KEY]);
     cleanup(&client, &ns).await;
 }
+
+#[tokio::test]
+async fn a_new_hash_over_the_same_data_is_re_annotated_not_acted_on() {
+    let Some((client, ns)) = cluster("rehash").await else {
+        return;
+    };
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "token", json!("k8s-rehash-value-1"))
+        .await;
+    let scratch = Scratch::new();
+    let marker = scratch.path("ran");
+    let script = scratch.write("mark.sh", &format!("echo ran >> {}\n", marker.display()));
+    let exec = format!("exec:command=sh {}", script.display());
+    let args = [
+        "--environment",
+        "prod",
+        "--secret",
+        "rehash",
+        "--namespace",
+        &ns,
+        "--action",
+        &exec,
+    ];
+    let runs = || std::fs::read_to_string(&marker).map_or(0, |s| s.lines().count());
+    let r = once(&logs, &server, &scratch, &args, &[]).await;
+    assert_eq!((r.code, runs()), (0, 0), "{r:?}");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let annotation = |s: &Secret| {
+        s.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("osc-agent.io/content-hash").cloned())
+    };
+    let hash = annotation(&secrets.get("rehash").await.expect("secret")).expect("hash");
+    assert_eq!(hash.len(), 64, "{hash}");
+    // An earlier run with another hashing key (a rotated user key, a release hashing differently) left
+    // the same data under another hash.
+    let mut earlier = secrets.get("rehash").await.expect("secret");
+    earlier.metadata.managed_fields = None;
+    earlier.metadata.resource_version = None;
+    earlier.metadata.uid = None;
+    earlier.metadata.creation_timestamp = None;
+    earlier
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("osc-agent.io/content-hash".into(), "0".repeat(64));
+    secrets
+        .patch(
+            "rehash",
+            &PatchParams::apply("osc-agent"),
+            &Patch::Apply(&earlier),
+        )
+        .await
+        .expect("plant another hash");
+    let r = once(&logs, &server, &scratch, &args, &[]).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        annotation(&secrets.get("rehash").await.expect("secret")).as_deref(),
+        Some(hash.as_str()),
+        "re-annotated with this run's hash"
+    );
+    assert_eq!(runs(), 0, "same data: no action");
+    // Different data under another hash is a change.
+    api.update("prod", "token", json!("k8s-rehash-value-2"))
+        .await;
+    let r = once(&logs, &server, &scratch, &args, &[]).await;
+    assert_eq!((r.code, runs()), (0, 1), "{r:?}");
+    logs.assert_free_of(&["k8s-rehash-value", USER_KEY]);
+    cleanup(&client, &ns).await;
+}

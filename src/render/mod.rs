@@ -12,12 +12,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
-
 pub use formats::dotenv_name;
 pub use names::{object_key_reason, unsafe_reason};
 
 use crate::config::{ConfigError, Outputs, ValueFormat};
+use crate::hash::ContentHasher;
 use crate::state::Snapshot;
 use template::Templates;
 
@@ -69,7 +68,7 @@ pub struct RejectedKey {
 #[derive(Clone, PartialEq, Eq)]
 pub struct ObjectPayload {
     pub data: BTreeMap<String, Vec<u8>>,
-    /// SHA-256 of the data, stored in the objects' `osc-agent.io/content-hash` annotation.
+    /// Keyed hash (HMAC) of the data, stored in the objects' `osc-agent.io/content-hash` annotation.
     pub hash: String,
 }
 
@@ -89,7 +88,8 @@ pub struct Rendered {
     pub objects: Option<ObjectPayload>,
     pub files: Vec<FilePayload>,
     pub rejected: Vec<RejectedKey>,
-    /// SHA-256 over every output's name and bytes: equal hashes mean nothing to write or announce.
+    /// Keyed hash (HMAC) over every output's name and bytes: equal hashes mean nothing to write or
+    /// announce.
     pub hash: String,
 }
 
@@ -104,16 +104,22 @@ pub struct Renderer {
     outputs: Outputs,
     objects: bool,
     templates: Templates,
+    hasher: ContentHasher,
 }
 
 impl Renderer {
-    /// `objects`: also render the ConfigMap/Secret payload.
-    pub fn new(outputs: &Outputs, objects: bool) -> Result<Renderer, ConfigError> {
+    /// `objects`: also render the ConfigMap/Secret payload; `hasher` keys every content hash.
+    pub fn new(
+        outputs: &Outputs,
+        objects: bool,
+        hasher: ContentHasher,
+    ) -> Result<Renderer, ConfigError> {
         let sources: Vec<PathBuf> = outputs.templates.iter().map(|t| t.source.clone()).collect();
         Ok(Renderer {
             outputs: outputs.clone(),
             objects,
             templates: Templates::load(&sources)?,
+            hasher,
         })
     }
 
@@ -159,17 +165,10 @@ impl Renderer {
                 }
                 data.insert(key.clone(), self.value_bytes(key, &entry.value)?);
             }
-            let mut h = Sha256::new();
-            for (k, v) in &data {
-                h.update((k.len() as u64).to_le_bytes());
-                h.update(k.as_bytes());
-                h.update((v.len() as u64).to_le_bytes());
-                h.update(v);
-            }
-            Some(ObjectPayload {
-                data,
-                hash: hex::encode(h.finalize()),
-            })
+            let hash = self
+                .hasher
+                .fields(data.iter().flat_map(|(k, v)| [k.as_bytes(), v.as_slice()]));
+            Some(ObjectPayload { data, hash })
         } else {
             None
         };
@@ -199,6 +198,7 @@ impl Renderer {
         }
 
         let hash = content_hash(
+            &self.hasher,
             dir.as_ref(),
             objects.as_ref(),
             &files,
@@ -215,32 +215,29 @@ impl Renderer {
 }
 
 fn content_hash(
+    hasher: &ContentHasher,
     dir: Option<&DirPayload>,
     objects: Option<&ObjectPayload>,
     files: &[FilePayload],
     format: ValueFormat,
 ) -> String {
-    let mut h = Sha256::new();
-    let mut field = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    field(format!("{format:?}").as_bytes());
+    let format = format!("{format:?}");
+    let mut fields: Vec<&[u8]> = vec![format.as_bytes()];
     if let Some(d) = dir {
-        field(d.path.as_os_str().as_encoded_bytes());
+        fields.push(d.path.as_os_str().as_encoded_bytes());
         for (name, bytes) in &d.files {
-            field(name.as_bytes());
-            field(bytes);
+            fields.push(name.as_bytes());
+            fields.push(bytes);
         }
     }
     if let Some(o) = objects {
-        field(o.hash.as_bytes());
+        fields.push(o.hash.as_bytes());
     }
     for f in files {
-        field(f.path.as_os_str().as_encoded_bytes());
-        field(&f.contents);
+        fields.push(f.path.as_os_str().as_encoded_bytes());
+        fields.push(&f.contents);
     }
-    hex::encode(h.finalize())
+    hasher.fields(fields)
 }
 
 #[cfg(test)]
@@ -289,7 +286,7 @@ mod tests {
 
     #[test]
     fn unsafe_keys_are_left_out_of_the_directory_only() {
-        let r = Renderer::new(&outputs(), false).unwrap();
+        let r = Renderer::new(&outputs(), false, ContentHasher::with_key([7; 32])).unwrap();
         let out = r
             .render(&snap(&[
                 ("../x", json!("a")),
@@ -306,7 +303,7 @@ mod tests {
 
     #[test]
     fn hash_changes_with_content_only() {
-        let r = Renderer::new(&outputs(), false).unwrap();
+        let r = Renderer::new(&outputs(), false, ContentHasher::with_key([7; 32])).unwrap();
         let a = r.render(&snap(&[("k", json!("1"))])).unwrap().hash;
         let b = r.render(&snap(&[("k", json!("1"))])).unwrap().hash;
         let c = r.render(&snap(&[("k", json!("2"))])).unwrap().hash;

@@ -148,8 +148,9 @@ impl ObjectSink {
         payload: &ObjectPayload,
     ) -> Result<bool, String> {
         let id = self.describe(kind, name);
-        let known = self.applied.lock().ok().and_then(|m| m.get(&id).cloned());
-        let known = match known {
+        let remembered = self.applied.lock().ok().and_then(|m| m.get(&id).cloned());
+        let from_live = remembered.is_none();
+        let known = match remembered {
             Some(h) => Some(h),
             None => {
                 let live = self.current_hash(kind, name).await?;
@@ -163,6 +164,9 @@ impl ObjectSink {
             self.remember(&id, &payload.hash);
             return Ok(false);
         }
+        // An object of an earlier run with another hash: the same data under another hashing key (the
+        // user key was rotated, or a release with another hash) is re-annotated, not a content change.
+        let same_data = from_live && known.is_some() && self.holds(kind, name, payload).await?;
         let meta = self.metadata(name, &payload.hash);
         let params = if self.force {
             PatchParams::apply(FIELD_MANAGER).force()
@@ -207,7 +211,7 @@ impl ObjectSink {
         match result {
             Ok(()) => {
                 self.remember(&id, &payload.hash);
-                Ok(true)
+                Ok(!same_data)
             }
             Err(kube::Error::Api(s)) if s.code == 409 => Err(format!(
                 "conflict with another field manager ({}); it was not overwritten: pass --force-conflicts \
@@ -236,6 +240,39 @@ impl ObjectSink {
         if let Ok(mut m) = self.applied.lock() {
             m.clear();
         }
+    }
+
+    /// Whether the live object's data is exactly `payload`'s (read only when the hash annotation differs
+    /// from an earlier run's, so a Secret's data crosses the wire only then).
+    async fn holds(&self, kind: Kind, name: &str, payload: &ObjectPayload) -> Result<bool, String> {
+        let explain =
+            |e: kube::Error| cluster::explain(&e, "get", kind.resource(), &self.namespace).0;
+        Ok(match kind {
+            Kind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
+                .get_opt(name)
+                .await
+                .map_err(explain)?
+                .and_then(|o| o.data)
+                .is_some_and(|live| {
+                    live.len() == payload.data.len()
+                        && payload
+                            .data
+                            .iter()
+                            .all(|(k, v)| live.get(k).map(String::as_bytes) == Some(v.as_slice()))
+                }),
+            Kind::Secret => Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+                .get_opt(name)
+                .await
+                .map_err(explain)?
+                .and_then(|o| o.data)
+                .is_some_and(|live| {
+                    live.len() == payload.data.len()
+                        && payload
+                            .data
+                            .iter()
+                            .all(|(k, v)| live.get(k).map(|b| b.0.as_slice()) == Some(v.as_slice()))
+                }),
+        })
     }
 
     /// The hash annotation of the live object (`None` if it does not exist yet).
@@ -310,7 +347,7 @@ fn size_guard(payload: &ObjectPayload) -> Result<(), String> {
     let largest: Vec<String> = sizes
         .iter()
         .take(3)
-        .map(|(k, n)| format!("'{k}' ({n} bytes)"))
+        .map(|(k, n)| format!("'{}' ({n} bytes)", crate::util::Escaped(k)))
         .collect();
     Err(format!(
         "the data is {total} bytes, above the 1 MiB limit of a ConfigMap/Secret; largest keys: {}; \
