@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use crate::config::{AgentArgs, ConfigError, Files, Settings, Source};
 use crate::exit::Exit;
+use crate::util::escape_path;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CheckArgs {
@@ -24,7 +25,7 @@ pub fn run(args: CheckArgs) -> Exit {
             Exit::Ok
         }
         Err(e) => {
-            eprintln!("osc-agent check: error: {e}");
+            eprintln!("{}", crate::logging::error_line("osc-agent check", &e));
             Exit::Config
         }
     }
@@ -60,7 +61,7 @@ fn summary(s: &Settings, from_pod: bool, files: Files) -> String {
     };
     match &s.source {
         Source::Server(server) => line("server", server.url.to_string()),
-        Source::Backup(b) => line("backup", b.path.display().to_string()),
+        Source::Backup(b) => line("backup", escape_path(&b.path)),
     }
     line(
         "environment",
@@ -73,15 +74,22 @@ fn summary(s: &Settings, from_pod: bool, files: Files) -> String {
     line("mode", if s.once { "once" } else { "live" }.into());
     let o = &s.outputs;
     if let Some(dir) = &o.dir {
-        line("output-dir", dir.display().to_string());
+        line("output-dir", escape_path(dir));
     }
     for f in &o.files {
-        line("output", format!("{} ({:?})", f.path.display(), f.format));
+        line(
+            "output",
+            format!("{} ({:?})", escape_path(&f.path), f.format),
+        );
     }
     for t in &o.templates {
         line(
             "template",
-            format!("{} -> {}", t.source.display(), t.destination.display()),
+            format!(
+                "{} -> {}",
+                escape_path(&t.source),
+                escape_path(&t.destination)
+            ),
         );
     }
     if let Some(cm) = &s.objects.configmap {

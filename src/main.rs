@@ -59,11 +59,11 @@ async fn agent(args: AgentArgs) -> Exit {
 }
 
 fn config_error(e: &ConfigError) -> Exit {
-    eprintln!("osc-agent: error: {e}");
+    eprintln!("{}", logging::error_line("osc-agent", e));
     Exit::Config
 }
 
 fn fail(exit: Exit, e: &dyn std::error::Error) -> ExitCode {
-    eprintln!("osc-agent: error: {e}");
+    eprintln!("{}", logging::error_line("osc-agent", &e));
     exit.code()
 }

@@ -73,7 +73,7 @@ pub async fn run(settings: Settings) -> Exit {
     let (agent, runner) = match build(&settings, &telemetry).await {
         Ok(built) => built,
         Err(e) => {
-            eprintln!("osc-agent: error: {e}");
+            eprintln!("{}", crate::logging::error_line("osc-agent", &e));
             return Exit::Config;
         }
     };
@@ -130,13 +130,14 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
                 return Exit::Ok;
             }
             Some(Err(fallback)) => {
-                eprintln!("osc-agent: error: {e}; fallback failed: {fallback}");
+                let both = format!("{e}; fallback failed: {fallback}");
+                eprintln!("{}", crate::logging::error_line("osc-agent", &both));
                 return Exit::of(&fallback);
             }
             None => {}
         }
     }
-    eprintln!("osc-agent: error: {e}");
+    eprintln!("{}", crate::logging::error_line("osc-agent", &e));
     Exit::of(&e)
 }
 
@@ -281,7 +282,7 @@ pub async fn inspect_backup(args: crate::backup::inspect::InspectArgs) -> Exit {
             Exit::Ok
         }
         Err(e) => {
-            eprintln!("osc-agent: error: {e}");
+            eprintln!("{}", crate::logging::error_line("osc-agent", &e));
             Exit::Backup
         }
     }

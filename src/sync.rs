@@ -252,8 +252,10 @@ impl Agent {
             .map_err(|e| SyncError::Internal(format!("render task failed: {e}")))??;
         for r in &rendered.rejected {
             warn!(
-                "key '{}' not written to --output-dir: {} (other keys are synced)",
-                r.key, r.reason
+                "key '{}' not written to {}: {} (other keys are synced)",
+                crate::util::Escaped(&r.key),
+                r.output,
+                r.reason
             );
         }
         let rendered = Arc::new(rendered);

@@ -37,27 +37,37 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Make text from outside (a key name, a path, a server-provided name) safe for one log line or error
 /// message: control characters (C0, DEL, C1) and Unicode line/paragraph separators and bidirectional
-/// overrides are written as escapes (`\n`, `\r`, `\t`, `\0`, `\u{1b}`), backslashes doubled. Plain
-/// text is returned as is, without copying.
+/// overrides are written as escapes (`\n`, `\r`, `\t`, `\0`, `\u{1b}`), backslashes doubled (so an
+/// escaped text cannot be confused with another). Plain text is returned as is, without copying.
 pub fn escape(text: &str) -> Cow<'_, str> {
-    fn needs(c: char) -> bool {
-        c == '\\'
+    escape_with(text, true)
+}
+
+/// Like [`escape`] but backslashes are kept: for whole messages that may hold escaped parts already
+/// (the log writer's last line of defence).
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    escape_with(text, false)
+}
+
+fn escape_with(text: &str, backslash: bool) -> Cow<'_, str> {
+    let needs = |c: char| {
+        (backslash && c == '\\')
             || c.is_control()
             || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
+    };
     if !text.chars().any(needs) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
         match c {
+            c if !needs(c) => out.push(c),
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\0' => out.push_str("\\0"),
-            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
         }
     }
     Cow::Owned(out)
@@ -90,5 +100,6 @@ mod tests {
         assert_eq!(escape("back\\slash"), "back\\\\slash");
         assert_eq!(escape("héllo"), "héllo");
         assert_eq!(Escaped("k\ney").to_string(), "k\\ney");
+        assert_eq!(escape_controls("a\\n\nb"), "a\\n\\nb");
     }
 }

@@ -22,13 +22,21 @@ pub struct InspectArgs {
     pub show_values: bool,
 }
 
-/// Human-readable report of a decrypted backup.
+/// Names from the file, shown on one line each (a key holding a newline cannot forge report lines).
+fn esc(text: &str) -> String {
+    crate::util::escape(text).into_owned()
+}
+
+/// Human-readable report of a decrypted backup (every name escaped).
 pub fn report(backup: &Backup, environment: Option<&str>, show_values: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "backup {} (format {}), taken {}, {} keys in all",
-        backup.backup_id, backup.version, backup.backup_timestamp, backup.total_keys
+        esc(&backup.backup_id),
+        esc(&backup.version),
+        esc(&backup.backup_timestamp),
+        backup.total_keys
     );
     let mut by_env: BTreeMap<&str, Vec<&super::BackupEntry>> = BTreeMap::new();
     for c in &backup.configurations {
@@ -41,26 +49,32 @@ pub fn report(backup: &Backup, environment: Option<&str>, show_values: bool) -> 
             out,
             "\nno entries{}",
             environment
-                .map(|e| format!(" in environment '{e}'"))
+                .map(|e| format!(" in environment '{}'", esc(e)))
                 .unwrap_or_default()
         );
         return out;
     }
     let _ = writeln!(out, "\n{:<24} {:>5}  categories", "environment", "keys");
     for (env, entries) in &by_env {
-        let mut cats: Vec<&str> = entries
+        let mut cats: Vec<String> = entries
             .iter()
-            .map(|e| e.category.as_deref().unwrap_or("-"))
+            .map(|e| esc(e.category.as_deref().unwrap_or("-")))
             .collect();
         cats.sort_unstable();
         cats.dedup();
-        let _ = writeln!(out, "{env:<24} {:>5}  {}", entries.len(), cats.join(", "));
+        let _ = writeln!(
+            out,
+            "{:<24} {:>5}  {}",
+            esc(env),
+            entries.len(),
+            cats.join(", ")
+        );
     }
     for (env, entries) in &by_env {
-        let _ = writeln!(out, "\n{env}:");
+        let _ = writeln!(out, "\n{}:", esc(env));
         let width = entries
             .iter()
-            .map(|e| e.key.chars().count())
+            .map(|e| esc(&e.key).chars().count())
             .max()
             .unwrap_or(3)
             .max(3);
@@ -80,9 +94,9 @@ pub fn report(backup: &Backup, environment: Option<&str>, show_values: bool) -> 
             let _ = writeln!(
                 out,
                 "  {:<width$}  {:<16}  {:<27}  {value}",
-                e.key,
-                e.category.as_deref().unwrap_or("-"),
-                e.updated_at.as_deref().unwrap_or("-"),
+                esc(&e.key),
+                esc(e.category.as_deref().unwrap_or("-")),
+                esc(e.updated_at.as_deref().unwrap_or("-")),
             );
         }
     }

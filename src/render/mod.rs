@@ -124,8 +124,12 @@ impl Renderer {
     }
 
     fn value_bytes(&self, key: &str, value: &serde_json::Value) -> Result<Vec<u8>, RenderError> {
-        formats::value_file(value, self.outputs.value_format)
-            .map_err(|e| RenderError(format!("key '{key}': cannot serialise: {e}")))
+        formats::value_file(value, self.outputs.value_format).map_err(|e| {
+            RenderError(format!(
+                "key '{}': cannot serialise: {e}",
+                crate::util::Escaped(key)
+            ))
+        })
     }
 
     pub fn render(&self, snap: &Snapshot) -> Result<Rendered, RenderError> {
@@ -175,8 +179,12 @@ impl Renderer {
 
         let mut files = Vec::new();
         for out in &self.outputs.files {
-            let contents = formats::aggregate(&snap.entries, out.format)
-                .map_err(|e| RenderError(format!("--output '{}': {e}", out.path.display())))?;
+            let contents = formats::aggregate(&snap.entries, out.format).map_err(|e| {
+                RenderError(format!(
+                    "--output '{}': {e}",
+                    crate::util::escape_path(&out.path)
+                ))
+            })?;
             files.push(FilePayload {
                 path: out.path.clone(),
                 contents,
@@ -193,7 +201,7 @@ impl Renderer {
                 path: t.destination.clone(),
                 contents,
                 in_place: t.in_place,
-                origin: format!("--template '{}'", t.source.display()),
+                origin: format!("--template '{}'", crate::util::escape_path(&t.source)),
             });
         }
 

@@ -13,6 +13,13 @@ pub fn unsafe_reason(key: &str) -> Option<&'static str> {
         Some("it contains a path separator")
     } else if key.contains('\0') {
         Some("it contains a NUL byte")
+    } else if matches!(
+        crate::util::escape_controls(key),
+        std::borrow::Cow::Owned(_)
+    ) {
+        Some(
+            "it contains a control or bidirectional-override character (a newline, a tab, an escape...)",
+        )
     } else if key.len() > 255 {
         Some("it is longer than 255 bytes")
     } else {
