@@ -186,3 +186,109 @@ fn errors_never_quote_secrets_from_the_config_file_or_the_url() {
     );
     assert!(!stderr.contains("URL-PASSWORD-88"), "{stderr}");
 }
+
+#[test]
+fn outputs_colliding_with_inputs_or_each_other_are_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "check-user-key-123\n").unwrap();
+    let tpl = dir.path().join("t.j2");
+    std::fs::write(&tpl, "x\n").unwrap();
+    let key_s = key.to_str().unwrap();
+    let tpl_s = tpl.to_str().unwrap();
+    let out = dir.path().join("out");
+    let out_s = out.to_str().unwrap();
+    let env_file = dir.path().join("app.env");
+    let env_s = env_file.to_str().unwrap();
+    let base = [
+        "--server",
+        SERVER,
+        "--environment",
+        "prod",
+        "--user-key-file",
+        key_s,
+    ];
+    let cases: Vec<(Vec<String>, [&str; 2])> = vec![
+        (
+            vec!["--output".into(), format!("{key_s}:dotenv")],
+            ["--output", "--user-key-file"],
+        ),
+        (
+            vec![
+                "--output".into(),
+                format!("{}/sub/../key:json", dir.path().display()),
+            ],
+            ["--output", "--user-key-file"],
+        ),
+        (
+            vec!["--template".into(), format!("{tpl_s}:{tpl_s}")],
+            ["--template destination", "--template source"],
+        ),
+        (
+            vec![
+                "--output".into(),
+                format!("{env_s}:dotenv"),
+                "--output".into(),
+                format!("{env_s}:json"),
+            ],
+            ["--output", "--output"],
+        ),
+        (
+            vec![
+                "--output".into(),
+                format!("{env_s}:dotenv"),
+                "--template".into(),
+                format!("{tpl_s}:{env_s}"),
+            ],
+            ["--output", "--template destination"],
+        ),
+        (
+            vec!["--output-dir".into(), "/".into()],
+            ["--output-dir", "system directory"],
+        ),
+        (
+            vec!["--output-dir".into(), "/etc".into()],
+            ["--output-dir", "system directory"],
+        ),
+        (
+            vec!["--output-dir".into(), dir.path().display().to_string()],
+            ["--output-dir", "--user-key-file"],
+        ),
+        (
+            vec![
+                "--output-dir".into(),
+                out_s.into(),
+                "--output".into(),
+                format!("{out_s}/..data:json"),
+            ],
+            ["--output", "--output-dir"],
+        ),
+    ];
+    for (extra, named) in cases {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra.iter().map(String::as_str));
+        let (code, _, stderr) = check(&args);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        for n in named {
+            assert!(stderr.contains(n), "{extra:?} should name {n}: {stderr}");
+        }
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        "check-user-key-123\n",
+        "the key is untouched"
+    );
+    // The agent itself refuses the same configuration before contacting anything.
+    let run = Command::new(BIN)
+        .args(base)
+        .args(["--once", "--output", &format!("{key_s}:dotenv")])
+        .env_remove("OSC_USER_KEY")
+        .output()
+        .expect("run osc-agent");
+    assert_eq!(run.status.code(), Some(2));
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        "check-user-key-123\n"
+    );
+}

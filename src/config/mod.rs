@@ -5,6 +5,7 @@
 //! all-optional form shared by clap and serde; [`Settings`] is the validated result the agent runs on.
 
 mod duration;
+mod paths;
 mod secret;
 mod size;
 
@@ -906,6 +907,7 @@ impl Settings {
             ));
         }
         let live = live_settings(&a)?;
+        paths::check(&a, &a.output, &a.template)?;
         let in_place = a.in_place.unwrap_or(false);
         let mut files = a.output;
         let mut templates = a.template;
