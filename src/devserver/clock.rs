@@ -25,6 +25,20 @@ pub fn utc_ping() -> String {
     format!("{}+00:00", python_iso(now, ' '))
 }
 
+/// The SQLite text form of a stored timestamp, as `GET /cluster/configs` shows it: the database's
+/// own `YYYY-MM-DD HH:MM:SS.ffffff` (UTC, always six fraction digits, no `T`, no zone), from the
+/// REST form [`utc_z`] writes. Text that is not a timestamp (a hand-edited data file) is only
+/// stripped of its `T` and `Z`.
+pub fn sqlite_text(rest: &str) -> String {
+    match rest.parse::<Timestamp>() {
+        Ok(ts) => {
+            let dt = ts.to_zoned(TimeZone::UTC).datetime();
+            format!("{}.{:06}", date_time(dt, ' '), micros(dt))
+        }
+        Err(_) => rest.trim_end_matches('Z').replacen('T', " ", 1),
+    }
+}
+
 /// Seconds since the Unix epoch (the upstream `backup_id` is `backup-<seconds>`).
 pub fn unix_seconds() -> i64 {
     Timestamp::now().as_second()
@@ -68,5 +82,16 @@ mod tests {
         assert_eq!(z.len(), "2026-11-23T05:00:14.814411Z".len(), "{z}");
         assert!(z.ends_with('Z'));
         assert!(utc_ping().ends_with("+00:00"));
+        assert_eq!(
+            sqlite_text("2026-11-30T17:22:26.925663Z"),
+            "2026-11-30 17:22:26.925663"
+        );
+        assert_eq!(
+            sqlite_text("2026-11-30T17:22:26Z"),
+            "2026-11-30 17:22:26.000000"
+        );
+        assert_eq!(sqlite_text("yesterdayTnoonZ"), "yesterday noon");
+        let now = utc_z();
+        assert_eq!(sqlite_text(&now), now.replace('T', " ").replace('Z', ""));
     }
 }

@@ -1,8 +1,9 @@
 //! Fault switches that reproduce the ways the upstream event stream loses events.
 //!
-//! All of them can be set at start (flags) and changed at runtime (`POST /_dev/faults`).
+//! All of them can be set at start (flags) and changed at runtime (`POST /_dev/faults`), as can
+//! the presence of `GET /cluster/configs`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -13,10 +14,15 @@ pub struct FaultState {
     /// Drop every Nth published event before fan-out (0 = off). Models events lost anywhere
     /// between the write and the subscriber.
     pub drop_every: u64,
-    /// Number of simulated worker processes. The upstream runs several uvicorn workers, each with
-    /// its own in-memory subscriber list: a subscriber only sees the writes its own worker handled.
-    /// Subscriptions and writes are both assigned round-robin; subscription number `s` belongs to
-    /// worker `s % workers` (recomputed when `workers` changes).
+    /// Number of simulated worker processes (1 or more). The upstream runs several uvicorn
+    /// workers sharing one listening socket, each with its own in-memory subscriber list: a
+    /// subscriber only sees the writes its own worker handled. The kernel picks the worker per
+    /// connection; the dev server models that **round-robin**, deterministically: subscription
+    /// number `s` (counted from 0 since start) belongs to worker `s % workers`, and successful
+    /// write number `w` (POST, PUT, DELETE; counted from 0) is handled by worker `w % workers`, as
+    /// if each write came on a new connection. Both are recomputed when `workers` changes. The
+    /// `connected` event is unaffected, and the store (hence `GET /configs` and
+    /// `GET /cluster/configs`) is shared by all workers, as upstream's database is.
     pub workers: u64,
     /// Capacity of each subscription's queue. Upstream uses an `asyncio.Queue(maxsize=100)` and
     /// `put_nowait`: when full, the **newest** event is silently dropped. Applies to subscriptions
@@ -25,6 +31,9 @@ pub struct FaultState {
     /// When true, no stream drains its queue (a deterministic "slow reader"): queues fill and
     /// overflow. Pings and keep-alive comments still flow.
     pub paused: bool,
+    /// Whether `GET /cluster/configs` exists (default true). When false it answers 404
+    /// `{"detail":"Not Found"}`, like a server without the route.
+    pub cluster_configs: bool,
 }
 
 /// A partial update, as accepted by `POST /_dev/faults`.
@@ -35,6 +44,7 @@ pub struct FaultUpdate {
     pub workers: Option<u64>,
     pub queue_size: Option<u64>,
     pub paused: Option<bool>,
+    pub cluster_configs: Option<bool>,
 }
 
 /// The live fault switches, shared by the HTTP handlers and every stream.
@@ -44,6 +54,7 @@ pub struct Faults {
     workers: AtomicU64,
     queue_size: AtomicU64,
     paused: watch::Sender<bool>,
+    cluster_configs: AtomicBool,
 }
 
 impl Faults {
@@ -54,6 +65,7 @@ impl Faults {
             workers: AtomicU64::new(initial.workers),
             queue_size: AtomicU64::new(initial.queue_size),
             paused: watch::Sender::new(initial.paused),
+            cluster_configs: AtomicBool::new(initial.cluster_configs),
         })
     }
 
@@ -63,6 +75,7 @@ impl Faults {
             workers: self.workers.load(Ordering::SeqCst),
             queue_size: self.queue_size.load(Ordering::SeqCst),
             paused: *self.paused.borrow(),
+            cluster_configs: self.cluster_configs.load(Ordering::SeqCst),
         }
     }
 
@@ -74,11 +87,14 @@ impl Faults {
             workers: update.workers.unwrap_or(current.workers),
             queue_size: update.queue_size.unwrap_or(current.queue_size),
             paused: update.paused.unwrap_or(current.paused),
+            cluster_configs: update.cluster_configs.unwrap_or(current.cluster_configs),
         };
         validate(&next)?;
         self.drop_every.store(next.drop_every, Ordering::SeqCst);
         self.workers.store(next.workers, Ordering::SeqCst);
         self.queue_size.store(next.queue_size, Ordering::SeqCst);
+        self.cluster_configs
+            .store(next.cluster_configs, Ordering::SeqCst);
         self.paused.send_if_modified(|paused| {
             let changed = *paused != next.paused;
             *paused = next.paused;
@@ -113,6 +129,7 @@ mod tests {
             workers: 1,
             queue_size: 100,
             paused: false,
+            cluster_configs: true,
         }
     }
 
@@ -124,10 +141,12 @@ mod tests {
             .apply(FaultUpdate {
                 workers: Some(4),
                 paused: Some(true),
+                cluster_configs: Some(false),
                 ..FaultUpdate::default()
             })
             .unwrap();
-        assert_eq!(state.workers, 4);
+        assert_eq!((state.workers, state.cluster_configs), (4, false));
+        assert_eq!(faults.snapshot(), state);
         assert!(state.paused && paused.has_changed().unwrap());
         assert!(*paused.borrow_and_update());
         let err = faults.apply(FaultUpdate {

@@ -2,7 +2,10 @@
 //!
 //! Validation imitates FastAPI: API key first (403), then the `X-User-Key` dependency (missing or
 //! empty: a 422 item; shorter than 8 characters: 401 at once), then the query and body parameters,
-//! whose errors are all reported together in one 422 `{"detail":[…]}`.
+//! whose errors are all reported together in one 422 `{"detail":[…]}`. A request to `/configs*` or
+//! `/backup` that passes validation then pays one key derivation (see [`super::cost`]) before it
+//! touches the store, whatever the outcome (404, 400, the 500 of a wrong user key), as upstream
+//! derives before it decrypts. Every request is counted per route first (see `GET /_dev/stats`).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -16,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 
+use super::cost::{KeyDerivation, Requests, Route};
 use super::faults::FaultUpdate;
 use super::pyjson::{self, Style};
 use super::sse::{ChangeEvent, Filters, Hub};
@@ -32,6 +36,8 @@ pub struct App {
     pub store: Arc<Mutex<Store>>,
     pub hub: Arc<Hub>,
     pub api_key: Option<Arc<str>>,
+    pub requests: Arc<Requests>,
+    pub key_derivation: Arc<KeyDerivation>,
 }
 
 impl App {
@@ -85,6 +91,7 @@ pub fn router(app: App) -> Router {
             get(get_config).put(update_config).delete(delete_config),
         )
         .route("/backup", post(backup))
+        .route("/cluster/configs", get(cluster_configs))
         .route("/sse/subscribe", get(subscribe))
         .route("/sse/health", get(sse_health))
         .route("/_dev/faults", get(get_faults).post(set_faults))
@@ -426,6 +433,7 @@ async fn list_configs(
     headers: HeaderMap,
     query: QueryParams,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::List);
     let user_key = app.user_key(&headers)?;
     let mut checks = Checks::default();
     let user_key = checks.take(user_key);
@@ -434,6 +442,7 @@ async fn list_configs(
     let (Some(user_key), Some(params), Some(full)) = (user_key, params, full) else {
         return Err(checks.fail());
     };
+    app.key_derivation.derive(&user_key).await;
     let store = app.store();
     let fp = store.fingerprint(&user_key);
     let entries = store
@@ -450,6 +459,7 @@ async fn get_config(
     headers: HeaderMap,
     query: QueryParams,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::Get);
     let key = path_key(key)?;
     let user_key = app.user_key(&headers)?;
     let mut checks = Checks::default();
@@ -463,6 +473,7 @@ async fn get_config(
         return Err(checks.fail());
     };
     let environment = non_empty_environment(environment)?;
+    app.key_derivation.derive(&user_key).await;
     let store = app.store();
     let fp = store.fingerprint(&user_key);
     let entry = store
@@ -476,6 +487,7 @@ async fn create_config(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::Create);
     let user_key = app.user_key(&headers)?;
     let mut checks = Checks::default();
     let user_key = checks.take(user_key);
@@ -498,6 +510,7 @@ async fn create_config(
     else {
         return Err(checks.fail());
     };
+    app.key_derivation.derive(&user_key).await;
     let mut store = app.store();
     let fp = store.fingerprint(&user_key);
     let new = NewEntry {
@@ -526,6 +539,7 @@ async fn update_config(
     query: QueryParams,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::Update);
     let key = path_key(key)?;
     let user_key = app.user_key(&headers)?;
     let mut checks = Checks::default();
@@ -548,6 +562,7 @@ async fn update_config(
         return Err(checks.fail());
     };
     let environment = non_empty_environment(environment)?;
+    app.key_derivation.derive(&user_key).await;
     let mut store = app.store();
     let fp = store.fingerprint(&user_key);
     let entry = store
@@ -570,6 +585,7 @@ async fn delete_config(
     headers: HeaderMap,
     query: QueryParams,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::Delete);
     let key = path_key(key)?;
     let user_key = app.user_key(&headers)?;
     let mut checks = Checks::default();
@@ -582,6 +598,7 @@ async fn delete_config(
         return Err(checks.fail());
     };
     let environment = non_empty_environment(environment)?;
+    app.key_derivation.derive(&user_key).await;
     let mut store = app.store();
     let fp = store.fingerprint(&user_key);
     store
@@ -598,6 +615,7 @@ async fn backup(
     headers: HeaderMap,
     query: QueryParams,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::Backup);
     let user_key = app.user_key(&headers)?;
     let mut checks = Checks::default();
     let user_key = checks.take(user_key);
@@ -610,6 +628,8 @@ async fn backup(
     let (Some(user_key), Some(params), Some(password)) = (user_key, params, password) else {
         return Err(checks.fail());
     };
+    // The user key's derivation; the backup password's own (real) one follows below.
+    app.key_derivation.derive(&user_key).await;
     let (configurations, total_keys) = {
         let store = app.store();
         let fp = store.fingerprint(&user_key);
@@ -647,6 +667,32 @@ async fn backup(
 }
 
 // ---------------------------------------------------------------------------------------------
+// /cluster/configs
+
+/// `GET /cluster/configs[?environment=E][&category=C]`: the metadata of every entry (no values),
+/// without `X-User-Key` and without key derivation; `X-API-Key` in API-key mode. An absent or
+/// empty filter matches everything; an unknown environment gives `[]`. With the route switched
+/// off (`--no-cluster-configs`, or `cluster_configs: false` in `POST /_dev/faults`) it is a plain
+/// 404, checked before the API key, like a server without the route.
+async fn cluster_configs(
+    State(app): State<App>,
+    headers: HeaderMap,
+    query: QueryParams,
+) -> Result<Response, ApiError> {
+    app.requests.count(Route::ClusterConfigs);
+    if !app.hub.faults().snapshot().cluster_configs {
+        return Err(ApiError::detail(StatusCode::NOT_FOUND, "Not Found"));
+    }
+    app.check_api_key(&headers)?;
+    let params = params(query).map_err(ApiError::unprocessable)?;
+    let rows = app
+        .store()
+        .metadata(params.filter("environment"), params.filter("category"));
+    let body = serde_json::to_value(rows).map_err(|_| ApiError::internal())?;
+    Ok(json_ok(&body))
+}
+
+// ---------------------------------------------------------------------------------------------
 // SSE
 
 async fn subscribe(
@@ -654,6 +700,7 @@ async fn subscribe(
     headers: HeaderMap,
     query: QueryParams,
 ) -> Result<Response, ApiError> {
+    app.requests.count(Route::Subscribe);
     app.check_api_key(&headers)?;
     let params = params(query).map_err(ApiError::unprocessable)?;
     let filters = Filters {
@@ -713,6 +760,21 @@ async fn close_streams(State(app): State<App>) -> Response {
     json_ok(&json!({ "closed": closed }))
 }
 
+/// `GET /_dev/stats`: the hub's counters (see [`super::sse::Stats`]), then `requests` (per
+/// route, see [`super::cost::RequestCounts`]), `key_derivations` (derivations paid) and
+/// `key_derivation_cpu_ms` (their CPU time, milliseconds with microsecond resolution).
 async fn stats(State(app): State<App>) -> Response {
-    json_ok(&json!(app.hub.stats()))
+    let mut body = json!(app.hub.stats());
+    if let Value::Object(map) = &mut body {
+        map.insert("requests".into(), json!(app.requests.snapshot()));
+        map.insert(
+            "key_derivations".into(),
+            app.key_derivation.derivations().into(),
+        );
+        map.insert(
+            "key_derivation_cpu_ms".into(),
+            json!(app.key_derivation.cpu_ms()),
+        );
+    }
+    json_ok(&body)
 }

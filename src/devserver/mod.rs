@@ -39,6 +39,7 @@
 //! Logs (through `tracing`) carry method, path and status only: never values, keys or queries.
 
 mod clock;
+mod cost;
 mod faults;
 mod http;
 mod pyjson;
@@ -59,11 +60,14 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use self::cost::{KeyDerivation, Requests};
 use self::faults::{FaultState, Faults};
 use self::sse::{Hub, Timing};
 use self::store::Store;
 
 use crate::config::{HumanDuration, Secret};
+
+pub use self::cost::KeyDerivationCost;
 
 /// A positive duration flag (`250ms`, `15s`, `2m`).
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -157,6 +161,24 @@ pub struct DevServerArgs {
     /// Per-subscription queue capacity; when full, the newest event is dropped (like upstream).
     #[arg(long, env = "OSC_DEV_QUEUE_SIZE", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub queue_size: u64,
+
+    /// Serve no `GET /cluster/configs` (404, like a server without the route); switchable at
+    /// runtime with `POST /_dev/faults {"cluster_configs": true|false}`.
+    #[arg(long, env = "OSC_DEV_NO_CLUSTER_CONFIGS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_cluster_configs: bool,
+
+    /// CPU cost of every request carrying X-User-Key (/configs*, /backup), like the upstream's
+    /// per-request PBKDF2: `off`; `pbkdf2` (a real PBKDF2-HMAC-SHA256 of the user key, 480,000
+    /// rounds, on a blocking thread; measured ~MEASURED); or a duration from 1ms to 10s (`80ms`:
+    /// a busy-wait using that much CPU time of one thread). /cluster/configs, /sse/* and /health
+    /// never pay it.
+    #[arg(
+        long,
+        env = "OSC_DEV_KEY_DERIVATION_COST",
+        value_name = "off|pbkdf2|DURATION",
+        default_value = "off"
+    )]
+    pub key_derivation_cost: KeyDerivationCost,
 }
 
 impl DevServerArgs {
@@ -175,6 +197,8 @@ impl DevServerArgs {
             drop_every: 0,
             workers: 1,
             queue_size: 100,
+            no_cluster_configs: false,
+            key_derivation_cost: KeyDerivationCost::Off,
         }
     }
 }
@@ -355,6 +379,7 @@ fn prepare(args: &DevServerArgs) -> Result<Prepared, DevServerError> {
         workers: args.workers,
         queue_size: args.queue_size,
         paused: false,
+        cluster_configs: !args.no_cluster_configs,
     })
     .map_err(DevServerError::Faults)?;
     let hub = Arc::new(Hub::new(
@@ -421,6 +446,8 @@ fn prepare(args: &DevServerArgs) -> Result<Prepared, DevServerError> {
             store: Arc::new(Mutex::new(store)),
             hub,
             api_key: api_key.map(Arc::from),
+            requests: Arc::new(Requests::default()),
+            key_derivation: Arc::new(KeyDerivation::new(args.key_derivation_cost)),
         },
         seed_user_key,
         seed_user_key_generated,

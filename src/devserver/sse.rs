@@ -186,7 +186,8 @@ impl Hub {
     }
 
     /// Publishes the event of one successful write. The write is "handled" by worker
-    /// `write_number % workers`; only subscribers on that worker can see it.
+    /// `write_number % workers`; only subscribers on that worker (subscription number
+    /// `% workers`) can see it. See [`super::faults::FaultState::workers`].
     pub fn publish(&self, event: ChangeEvent) {
         let write = self.writes.fetch_add(1, Ordering::SeqCst);
         let faults = self.faults.snapshot();
@@ -514,6 +515,7 @@ mod tests {
             workers: 1,
             queue_size: 10,
             paused: false,
+            cluster_configs: true,
         })
         .unwrap();
         let hub = Arc::new(Hub::new(

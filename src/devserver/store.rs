@@ -76,6 +76,18 @@ impl Entry {
     }
 }
 
+/// One row of `GET /cluster/configs`, fields in the upstream's order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Metadata {
+    pub key: String,
+    pub category: Option<String>,
+    pub environment: String,
+    /// `YYYY-MM-DD HH:MM:SS.ffffff`, UTC.
+    pub created_at: String,
+    /// `YYYY-MM-DD HH:MM:SS.ffffff`, UTC; bumped by every PUT, even of an identical value.
+    pub updated_at: String,
+}
+
 /// Why a store operation failed; the HTTP layer maps each to the upstream answer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum StoreError {
@@ -228,6 +240,25 @@ impl Store {
             return Err(StoreError::Sealed);
         }
         Ok(selected)
+    }
+
+    /// `GET /cluster/configs`: the metadata of every entry matching the filters (`None` = all),
+    /// in id order, whatever user key sealed it (upstream reads these columns without decrypting).
+    /// Timestamps in SQLite text form (see [`clock::sqlite_text`]); values never appear.
+    pub fn metadata(&self, environment: Option<&str>, category: Option<&str>) -> Vec<Metadata> {
+        self.contents
+            .entries
+            .values()
+            .filter(|e| environment.is_none_or(|env| e.environment == env))
+            .filter(|e| category.is_none_or(|c| e.category.as_deref() == Some(c)))
+            .map(|e| Metadata {
+                key: e.key.clone(),
+                category: e.category.clone(),
+                environment: e.environment.clone(),
+                created_at: clock::sqlite_text(&e.created_at),
+                updated_at: clock::sqlite_text(&e.updated_at),
+            })
+            .collect()
     }
 
     /// `POST /configs`: any user key may create a new entry.

@@ -653,7 +653,7 @@ async fn paused_queue_overflow_drops_the_newest_events() {
     let state = set_faults(addr, json!({"paused": true})).await;
     assert_eq!(
         state,
-        json!({"drop_every": 0, "workers": 1, "queue_size": 3, "paused": true})
+        json!({"drop_every": 0, "workers": 1, "queue_size": 3, "paused": true, "cluster_configs": true})
     );
 
     create(
@@ -683,7 +683,11 @@ async fn paused_queue_overflow_drops_the_newest_events() {
     let stats = call(addr, "GET", "/_dev/stats", &[], None).await.json();
     assert_eq!(
         stats,
-        json!({"active_subscriptions": 1, "events_published": 21, "events_delivered": 4, "events_dropped": 17, "writes": 21})
+        json!({
+            "active_subscriptions": 1, "events_published": 21, "events_delivered": 4, "events_dropped": 17, "writes": 21,
+            "requests": {"list": 0, "get": 0, "create": 1, "update": 20, "delete": 0, "backup": 0, "cluster_configs": 0, "subscribe": 1},
+            "key_derivations": 0, "key_derivation_cpu_ms": 0.0,
+        })
     );
     server.shutdown().await;
 }
@@ -954,5 +958,436 @@ async fn backup_decrypts_with_the_backup_module() {
         ),
         (1, "db", Some("database"), &json!({"password": "s3cret"}))
     );
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /cluster/configs, --workers fidelity, request counters and the key-derivation cost
+
+async fn stats(addr: SocketAddr) -> Value {
+    let reply = call(addr, "GET", "/_dev/stats", &[], None).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()
+}
+
+/// `GET /cluster/configs…` answered 200; its rows.
+async fn cluster(addr: SocketAddr, target: &str) -> Vec<Value> {
+    let reply = call(addr, "GET", target, &[], None).await;
+    assert_eq!(reply.status, 200, "{target}: {}", reply.body);
+    match reply.json() {
+        Value::Array(rows) => rows,
+        other => panic!("{target}: not an array: {other}"),
+    }
+}
+
+/// The one row of `key` in `environment` (`None` when absent).
+async fn cluster_row(addr: SocketAddr, environment: &str, key: &str) -> Option<Value> {
+    let rows = cluster(addr, &format!("/cluster/configs?environment={environment}")).await;
+    let mut matching = rows.into_iter().filter(|r| r["key"] == key);
+    let row = matching.next();
+    assert!(matching.next().is_none(), "one row per key");
+    row
+}
+
+#[tokio::test]
+async fn cluster_configs_exact_bytes_filters_and_no_values() {
+    // A data file with the protocol document's example rows (fixed timestamps), plus a row in
+    // another environment sealed under another user key (metadata is read without decrypting).
+    let dir = tempfile::tempdir().unwrap();
+    let data_file = dir.path().join("dev-data.json");
+    let data = json!({
+        "format": "osc-agent-dev-server-data/1",
+        "warning": "test",
+        "fingerprint_salt": "00".repeat(32),
+        "next_id": 4,
+        "entries": [
+            {"id": 1, "key": "db.url", "category": "database", "environment": "prod",
+             "value": {"host": "db.internal", "port": 5432},
+             "created_at": "2026-11-30T17:22:26.925663Z", "updated_at": "2026-11-30T17:22:26.925663Z",
+             "sealed_by": "aa"},
+            {"id": 2, "key": "log.level", "category": null, "environment": "prod",
+             "value": "secret-log-value",
+             "created_at": "2026-11-30T17:22:27.072824Z", "updated_at": "2026-11-30T17:22:28.408341Z",
+             "sealed_by": "aa"},
+            {"id": 3, "key": "grüße \"q\"", "category": "café", "environment": "staging",
+             "value": "secret-staging-value",
+             "created_at": "2026-12-01T00:00:00Z", "updated_at": "2026-12-01T00:00:00.000001Z",
+             "sealed_by": "bb"},
+        ],
+    });
+    std::fs::write(&data_file, data.to_string()).unwrap();
+    let server = start(DevServerArgs {
+        data_file: Some(data_file),
+        ..quiet_args()
+    })
+    .await;
+    let addr = server.addr();
+
+    let doc_example = r#"[{"key":"db.url","category":"database","environment":"prod","created_at":"2026-11-30 17:22:26.925663","updated_at":"2026-11-30 17:22:26.925663"},{"key":"log.level","category":null,"environment":"prod","created_at":"2026-11-30 17:22:27.072824","updated_at":"2026-11-30 17:22:28.408341"}]"#;
+    let reply = call(addr, "GET", "/cluster/configs?environment=prod", &[], None).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, doc_example));
+    let head = reply.head.to_ascii_lowercase();
+    assert!(
+        head.contains("content-type: application/json\r\n")
+            && head.contains(&format!("content-length: {}\r\n", doc_example.len())),
+        "{head}"
+    );
+    // A user key changes nothing (and is not needed).
+    let with_key = call(
+        addr,
+        "GET",
+        "/cluster/configs?environment=prod",
+        &user(BOB),
+        None,
+    )
+    .await;
+    assert_eq!(with_key.body, doc_example);
+
+    let staging = r#"[{"key":"grüße \"q\"","category":"café","environment":"staging","created_at":"2026-12-01 00:00:00.000000","updated_at":"2026-12-01 00:00:00.000001"}]"#;
+    let reply = call(
+        addr,
+        "GET",
+        "/cluster/configs?environment=staging",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(reply.body, staging);
+
+    let keys = |rows: Vec<Value>| -> Vec<String> {
+        rows.iter()
+            .map(|r| r["key"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let all = ["db.url", "log.level", "grüße \"q\""];
+    assert_eq!(keys(cluster(addr, "/cluster/configs").await), all);
+    assert_eq!(
+        keys(cluster(addr, "/cluster/configs?environment=").await),
+        all
+    );
+    assert!(
+        cluster(addr, "/cluster/configs?environment=nowhere")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        keys(cluster(addr, "/cluster/configs?category=database").await),
+        ["db.url"]
+    );
+    assert_eq!(
+        keys(
+            cluster(
+                addr,
+                "/cluster/configs?environment=staging&category=caf%C3%A9"
+            )
+            .await
+        ),
+        ["grüße \"q\""]
+    );
+    assert!(
+        cluster(
+            addr,
+            "/cluster/configs?environment=staging&category=database"
+        )
+        .await
+        .is_empty()
+    );
+    let everything = call(addr, "GET", "/cluster/configs", &[], None).await.body;
+    for value in [
+        "db.internal",
+        "secret-log-value",
+        "secret-staging-value",
+        "value",
+    ] {
+        assert!(!everything.contains(value), "{value} leaked: {everything}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn cluster_configs_timestamps_follow_writes() {
+    let server = start(quiet_args()).await;
+    let addr = server.addr();
+    let sqlite = |rest: &Value| -> String {
+        let text = rest.as_str().unwrap_or_default();
+        assert!(
+            text.len() == 27 && text.as_bytes()[10] == b'T' && text.ends_with('Z'),
+            "REST format {text}"
+        );
+        text.replace('T', " ").replace('Z', "")
+    };
+    let created = create(
+        addr,
+        ALICE,
+        json!({"key": "k", "value": "same", "environment": "prod", "category": "c"}),
+    )
+    .await
+    .json();
+    let row = cluster_row(addr, "prod", "k")
+        .await
+        .expect("row after POST");
+    assert_eq!(
+        row,
+        json!({"key": "k", "category": "c", "environment": "prod",
+               "created_at": sqlite(&created["created_at"]), "updated_at": sqlite(&created["updated_at"])})
+    );
+    let first_created = row["created_at"].clone();
+
+    // An identical-value PUT bumps updated_at (the REST mode=full form agrees), not created_at.
+    let updated = put(
+        addr,
+        "/configs/k?environment=prod",
+        json!({"value": "same"}),
+    )
+    .await
+    .json();
+    let row = cluster_row(addr, "prod", "k").await.expect("row after PUT");
+    assert_eq!(row["created_at"], first_created);
+    assert_ne!(
+        row["updated_at"], first_created,
+        "identical PUT bumps updated_at"
+    );
+    assert_eq!(row["updated_at"], sqlite(&updated["updated_at"]));
+    let full = call(
+        addr,
+        "GET",
+        "/configs/k?environment=prod&mode=full",
+        &user(ALICE),
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(row["updated_at"], sqlite(&full["updated_at"]));
+
+    // DELETE removes the row; re-creating gives a new created_at.
+    let deleted = call(
+        addr,
+        "DELETE",
+        "/configs/k?environment=prod",
+        &user(ALICE),
+        None,
+    )
+    .await;
+    assert_eq!(deleted.status, 200);
+    assert_eq!(cluster_row(addr, "prod", "k").await, None);
+    create(
+        addr,
+        ALICE,
+        json!({"key": "k", "value": "same", "environment": "prod"}),
+    )
+    .await;
+    let row = cluster_row(addr, "prod", "k")
+        .await
+        .expect("row after re-POST");
+    assert_ne!(row["created_at"], first_created);
+    assert_eq!(row["category"], Value::Null);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn cluster_configs_switch_and_api_key() {
+    let server = start(DevServerArgs {
+        api_key: Some(Secret::new("the-api-key".into())),
+        ..quiet_args()
+    })
+    .await;
+    let addr = server.addr();
+    let api = [("X-API-Key", "the-api-key")];
+    let missing = r#"{"detail":"API key required but missing. Provide X-API-Key header."}"#;
+    let not_found = r#"{"detail":"Not Found"}"#;
+    let get = |headers: &'static [(&'static str, &'static str)]| {
+        call(
+            addr,
+            "GET",
+            "/cluster/configs?environment=prod",
+            headers,
+            None,
+        )
+    };
+    let answer = |r: Reply| (r.status, r.body);
+    assert_eq!(answer(get(&[]).await), (403, missing.to_owned()));
+    assert_eq!(
+        answer(get(&[("X-API-Key", "wrong")]).await),
+        (403, r#"{"detail":"Invalid API key"}"#.to_owned())
+    );
+    // The API key is enough: no X-User-Key.
+    assert_eq!(
+        answer(get(&[("X-API-Key", "the-api-key")]).await),
+        (200, "[]".to_owned())
+    );
+
+    // Switched off at runtime: a plain 404 before any key check, like a server without the route.
+    let state = set_faults(addr, json!({"cluster_configs": false})).await;
+    assert_eq!(state["cluster_configs"], false);
+    assert_eq!(
+        answer(get(&[("X-API-Key", "the-api-key")]).await),
+        (404, not_found.to_owned())
+    );
+    assert_eq!(answer(get(&[]).await), (404, not_found.to_owned()));
+    // The rest of the server is unaffected.
+    let mut sse = Sse::open(addr, "/sse/subscribe", &api).await;
+    assert!(sse.next_message().await.starts_with("event: connected\r\n"));
+    set_faults(addr, json!({"cluster_configs": true})).await;
+    assert_eq!(get(&[("X-API-Key", "the-api-key")]).await.status, 200);
+    server.shutdown().await;
+
+    // Switched off by the flag.
+    let server = start(DevServerArgs {
+        no_cluster_configs: true,
+        ..quiet_args()
+    })
+    .await;
+    let addr = server.addr();
+    let reply = call(addr, "GET", "/cluster/configs", &[], None).await;
+    assert_eq!((reply.status, reply.body.as_str()), (404, not_found));
+    let faults = call(addr, "GET", "/_dev/faults", &[], None).await.json();
+    assert_eq!(faults["cluster_configs"], false);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn four_workers_a_subscriber_hears_its_worker_and_cluster_configs_sees_all() {
+    let server = start(DevServerArgs {
+        workers: 4,
+        ..quiet_args()
+    })
+    .await;
+    let addr = server.addr();
+    // Subscriptions 0..3 land on workers 0..3; each gets its `connected` event whatever its worker.
+    let mut subscribers = Vec::new();
+    for _ in 0..4 {
+        let mut sse = Sse::open(addr, "/sse/subscribe?environment=prod", &[]).await;
+        assert!(sse.next_message().await.starts_with("event: connected\r\n"));
+        subscribers.push(sse);
+    }
+    // Write w (0 = the POST, then PUTs) is handled by worker w % 4. /cluster/configs, reading the
+    // shared store, sees every one of them.
+    create(
+        addr,
+        ALICE,
+        json!({"key": "k", "value": 0, "environment": "prod"}),
+    )
+    .await;
+    let mut last = cluster_row(addr, "prod", "k").await.expect("row")["updated_at"].clone();
+    for i in 1..40 {
+        put(addr, "/configs/k?environment=prod", json!({"value": i})).await;
+        let now = cluster_row(addr, "prod", "k").await.expect("row")["updated_at"].clone();
+        assert_ne!(now, last, "/cluster/configs missed write {i}");
+        last = now;
+    }
+    // Each subscriber heard exactly 1 write in 4: its own worker's. A marker write per worker
+    // follows: had a subscriber received anything else, it would show before its marker.
+    for i in 40..44 {
+        put(addr, "/configs/k?environment=prod", json!({"value": i})).await;
+    }
+    for (worker, sse) in subscribers.iter_mut().enumerate() {
+        let heard: Vec<Value> = {
+            let mut heard = Vec::new();
+            for _ in 0..11 {
+                heard.push(event_data(&sse.next_event().await)["data"]["value"].clone());
+            }
+            heard
+        };
+        let want: Vec<Value> = (0..11).map(|n| json!(worker + 4 * n)).collect();
+        assert_eq!(heard, want, "subscriber on worker {worker}");
+    }
+    let stats = stats(addr).await;
+    assert_eq!(
+        (
+            &stats["writes"],
+            &stats["events_published"],
+            &stats["events_delivered"]
+        ),
+        (&json!(44), &json!(44), &json!(44)),
+        "every event reached exactly one of the four subscribers"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_and_spin_key_derivations_are_counted() {
+    const COST_MS: f64 = 20.0;
+    let server = start(DevServerArgs {
+        key_derivation_cost: KeyDerivationCost::Spin(Duration::from_millis(20)),
+        ..quiet_args()
+    })
+    .await;
+    let addr = server.addr();
+    create(
+        addr,
+        ALICE,
+        json!({"key": "k", "value": 1, "environment": "prod"}),
+    )
+    .await;
+    let got = call(
+        addr,
+        "GET",
+        "/configs/nope?environment=prod",
+        &user(ALICE),
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 404, "a 404 still pays its derivation");
+    let wrong_key = call(addr, "GET", "/configs?environment=prod", &user(BOB), None).await;
+    assert_eq!(wrong_key.status, 500, "so does a wrong user key");
+    // No derivation: a user key too short (401), /cluster/configs, the stream, health.
+    let short = call(
+        addr,
+        "GET",
+        "/configs?environment=prod",
+        &user("short"),
+        None,
+    )
+    .await;
+    assert_eq!(short.status, 401);
+    cluster(addr, "/cluster/configs?environment=prod").await;
+    let mut sse = Sse::open(addr, "/sse/subscribe", &[]).await;
+    sse.next_message().await;
+    for free in ["/health", "/sse/health", "/ready"] {
+        assert_eq!(call(addr, "GET", free, &[], None).await.status, 200);
+    }
+    let before = stats(addr).await;
+    assert_eq!(
+        before["requests"],
+        json!({"list": 2, "get": 1, "create": 1, "update": 0, "delete": 0, "backup": 0, "cluster_configs": 1, "subscribe": 1})
+    );
+    assert_eq!(before["key_derivations"], 3);
+
+    // Each list call costs exactly one derivation: at least its cost, well under two.
+    const LISTS: u64 = 4;
+    for _ in 0..LISTS {
+        let reply = call(addr, "GET", "/configs?environment=prod", &user(ALICE), None).await;
+        assert_eq!(reply.status, 200);
+    }
+    let after = stats(addr).await;
+    assert_eq!(after["requests"]["list"], 2 + LISTS);
+    assert_eq!(after["key_derivations"], 3 + LISTS);
+    let spent = after["key_derivation_cpu_ms"].as_f64().unwrap_or_default()
+        - before["key_derivation_cpu_ms"].as_f64().unwrap_or_default();
+    let lists = LISTS as f64;
+    assert!(
+        spent >= lists * COST_MS && spent < lists * 2.0 * COST_MS,
+        "{spent} ms of derivation CPU for {LISTS} list calls at {COST_MS} ms each"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pbkdf2_cost_is_a_real_derivation_per_request() {
+    let server = start(DevServerArgs {
+        key_derivation_cost: KeyDerivationCost::Pbkdf2,
+        ..quiet_args()
+    })
+    .await;
+    let addr = server.addr();
+    let reply = call(addr, "GET", "/configs?environment=prod", &user(ALICE), None).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "[]"));
+    cluster(addr, "/cluster/configs").await;
+    let stats = stats(addr).await;
+    assert_eq!(stats["key_derivations"], 1);
+    // 480,000 PBKDF2-HMAC-SHA256 rounds take tens of milliseconds of CPU even fully optimised
+    // (and over a second in the unoptimised test build).
+    let spent = stats["key_derivation_cpu_ms"].as_f64().unwrap_or_default();
+    assert!(spent >= 20.0, "{spent} ms for one derivation");
     server.shutdown().await;
 }
