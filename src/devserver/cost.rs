@@ -28,7 +28,9 @@ pub enum KeyDerivationCost {
     /// No cost (the default).
     #[default]
     Off,
-    /// A real PBKDF2-HMAC-SHA256 of the request's user key, 480,000 rounds, fixed salt.
+    /// A real PBKDF2-HMAC-SHA256 of the request's user key, 480,000 rounds, fixed salt. Measured
+    /// CPU per derivation: ~75 ms in a release build (upstream: ~70-80 ms); ~1.35 s in a debug or
+    /// test build (the generic HMAC/digest code is monomorphised here at opt-level 0).
     Pbkdf2,
     /// A busy-wait consuming this much CPU time of one thread (1 ms to 10 s).
     Spin(Duration),

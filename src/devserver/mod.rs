@@ -5,18 +5,47 @@
 //! It reproduces the upstream 3.1.0 wire format (see `docs/opensecureconf-protocol.md`): the REST
 //! routes and their exact error bodies, user-key "sealing" (a request with another user key gets
 //! `500 {"detail":"Internal error: "}`, see `store.rs`), the encrypted `/backup` format (see
-//! [`crate::backup`]), and the SSE stream byte for byte (CRLF framing, Python `json.dumps` data,
-//! `: ping` and `: keep-alive` comments, see `sse.rs`).
+//! [`crate::backup`]), the SSE stream byte for byte (CRLF framing, Python `json.dumps` data,
+//! `: ping` and `: keep-alive` comments, see `sse.rs`), and the metadata route
+//! `GET /cluster/configs[?environment=E][&category=C]`: compact JSON rows
+//! `{"key","category","environment","created_at","updated_at"}` in id order, timestamps in SQLite
+//! text (`2026-11-30 17:22:26.925663`, UTC, no `T`, no zone), never values; no `X-User-Key` (only
+//! `X-API-Key` in API-key mode) and no key derivation; absent or empty environment = all, unknown
+//! = `[]`. Every PUT bumps `updated_at` (identical values too); delete + re-create gives a new
+//! `created_at`. It reads the shared store, so it sees every write whatever the worker.
 //!
 //! # Fault switches
 //!
 //! The ways the upstream stream loses events can be switched on with flags or at runtime (see
 //! `faults.rs`): `--drop-every N`, `--workers N` (per-worker fan-out), `--queue-size N`
-//! (newest event dropped on overflow) and the runtime-only `paused`.
+//! (newest event dropped on overflow) and the runtime-only `paused`. `--no-cluster-configs` (or
+//! `cluster_configs: false` at runtime) removes `/cluster/configs` (404 `{"detail":"Not Found"}`,
+//! like a server without the route).
+//!
+//! `--workers N` models the kernel's choice of worker **round-robin** (deterministic, where the
+//! real kernel's is not): subscription number `s` since start belongs to worker `s % N`, and
+//! successful write number `w` (POST, PUT, DELETE) is handled by worker `w % N` and streamed only
+//! to that worker's subscribers. So with 4 workers a lone subscriber hears exactly one write in
+//! four (writes 0, 4, 8, … for the first subscription); `connected` events, `GET /configs` and
+//! `GET /cluster/configs` are unaffected.
+//!
+//! # Server cost
+//!
+//! `--key-derivation-cost off|pbkdf2|DURATION` (see `cost.rs`) makes every `/configs*` and
+//! `/backup` request that passes validation pay what the upstream's per-request PBKDF2 costs,
+//! before it touches the store: `pbkdf2` runs the real derivation (480,000 rounds of
+//! PBKDF2-HMAC-SHA256 over the user key) on a blocking thread (measured: ~75 ms of CPU in a release
+//! build, like upstream; ~1.35 s in the debug/test build, where the generic HMAC and digest code
+//! is monomorphised in this crate unoptimised although `sha2` and `pbkdf2` are optimised); a
+//! duration such as `80ms` busy-waits for that much CPU time of one thread (1 ms to 10 s), the
+//! way to model the upstream's cost in debug builds and tests. `/cluster/configs`, `/sse/*` and the health
+//! routes never pay it. CPU time is read from `/proc/thread-self/schedstat` (scheduler-tick
+//! resolution; wall time where it is unreadable).
 //!
 //! # Admin endpoints (unauthenticated, dev only)
 //!
-//! - `GET /_dev/faults`: the current fault state `{"drop_every","workers","queue_size","paused"}`.
+//! - `GET /_dev/faults`: the current fault state
+//!   `{"drop_every","workers","queue_size","paused","cluster_configs"}`.
 //! - `POST /_dev/faults` with any subset of those fields: changes them, answers the full state.
 //!   `paused: true` stops every stream from draining its queue, so queues fill and overflow
 //!   deterministically; `paused: false` resumes.
@@ -24,8 +53,15 @@
 //!   terminating chunk, the client sees a broken connection, like a SIGKILL). Answers `{"cut": N}`.
 //! - `POST /_dev/streams/close`: ends every open stream cleanly (normal end of body, as upstream
 //!   does on SIGTERM). Answers `{"closed": N}`.
-//! - `GET /_dev/stats`: `{"active_subscriptions","events_published","events_delivered",
-//!   "events_dropped","writes"}` (see `sse.rs`).
+//! - `GET /_dev/stats`: counters since start, all integers except the last:
+//!   `{"active_subscriptions","events_published","events_delivered","events_dropped","writes"`
+//!   (events and successful writes, see `sse.rs`), `"requests":{"list","get","create","update",
+//!   "delete","backup","cluster_configs","subscribe"}` (requests received per route:
+//!   `GET /configs`, `GET /configs/{key}`, `POST /configs`, `PUT`, `DELETE`, `POST /backup`,
+//!   `GET /cluster/configs`, `GET /sse/subscribe`; every answer counts, errors and a disabled
+//!   route's 404 included), `"key_derivations"` (derivations paid under
+//!   `--key-derivation-cost`; 0 when off) and `"key_derivation_cpu_ms"` (their CPU time in
+//!   milliseconds, a float with microsecond resolution)`}`.
 //!
 //! # Seeds, keys and persistence
 //!
@@ -168,10 +204,11 @@ pub struct DevServerArgs {
     pub no_cluster_configs: bool,
 
     /// CPU cost of every request carrying X-User-Key (/configs*, /backup), like the upstream's
-    /// per-request PBKDF2: `off`; `pbkdf2` (a real PBKDF2-HMAC-SHA256 of the user key, 480,000
-    /// rounds, on a blocking thread; measured ~MEASURED); or a duration from 1ms to 10s (`80ms`:
-    /// a busy-wait using that much CPU time of one thread). /cluster/configs, /sse/* and /health
-    /// never pay it.
+    /// per-request PBKDF2 (~70-80 ms): `off`; `pbkdf2` (a real PBKDF2-HMAC-SHA256 of the user key,
+    /// 480,000 rounds, on a blocking thread: ~75 ms of CPU in a release build, ~1.35 s in a debug
+    /// or test build, whose generic HMAC code is unoptimised); or a duration from 1ms to 10s
+    /// (`80ms`: a busy-wait using that much CPU time of one thread; use it in debug builds).
+    /// /cluster/configs, /sse/* and /health never pay it.
     #[arg(
         long,
         env = "OSC_DEV_KEY_DERIVATION_COST",
