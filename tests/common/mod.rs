@@ -38,6 +38,20 @@ fn without_proxy_vars(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// Remove the proxy variables from this test process, for a test that runs the agent's pipeline in
+/// process (children are cleaned by the helpers that start them).
+///
+/// Call it first thing in the only test of a test binary: changing the environment is sound only while
+/// no other thread reads it, which holds there (the runtime's workers are idle, no other test runs).
+pub fn forget_proxy_vars_of_this_process() {
+    for v in PROXY_VARS {
+        if std::env::var_os(v).is_some() {
+            // SAFETY: see above: no other thread of this process reads or writes the environment now.
+            unsafe { std::env::remove_var(v) };
+        }
+    }
+}
+
 /// A reqwest client for the tests' own calls: never through a proxy of the environment.
 pub fn http_client() -> reqwest::Client {
     osc_agent::source::install_crypto_provider();
