@@ -43,6 +43,7 @@ fn read_consistent(dir: &Path) -> Option<Vec<(String, Vec<u8>)>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_never_see_partial_files_or_mixed_generations() {
+    forget_proxy_vars_of_this_process();
     let logs = Logs::default();
     let server = DevServer::start(&logs, &[]).await;
     let api = server.api();

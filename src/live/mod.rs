@@ -68,7 +68,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         return;
     };
 
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::channel(stream::QUEUE);
     let stream_cancel = cancel.child_token();
     let stream_task = tokio::spawn(stream::run(
         client.clone(),

@@ -1,7 +1,8 @@
 //! Typed errors of the OpenSecureConf client, with actionable messages.
 //!
-//! No message ever holds a value, key material or a response body that may carry values: only status
-//! codes, URLs (which carry environment and key names, never secrets) and fixed texts.
+//! No message ever holds a value, key material or text the server sent: only status codes, URLs the
+//! agent built itself (which carry environment and key names, never secrets), fixed texts chosen from the
+//! server's known answers, and transport reasons escaped and bounded in length.
 
 use crate::config::CredentialError;
 
@@ -22,9 +23,9 @@ pub enum SourceError {
     KeyMismatch { environment: String },
 
     #[error(
-        "the server rejected the user key (HTTP 401: {detail}); check --user-key-file / $OSC_USER_KEY"
+        "the server rejected the user key (HTTP 401: {reason}); check --user-key-file / $OSC_USER_KEY"
     )]
-    UserKeyRejected { detail: String },
+    UserKeyRejected { reason: &'static str },
 
     #[error(
         "the server requires an API key and none was sent (HTTP 403); set --api-key-file or $OSC_API_KEY"
@@ -42,10 +43,33 @@ pub enum SourceError {
     #[error(
         "{url} answered 404 Not Found{detail}; check that --server points at the OpenSecureConf API"
     )]
-    NotFound { url: String, detail: String },
+    NotFound { url: String, detail: &'static str },
 
     #[error("the server rejected the request as invalid (HTTP 422 from {url}: {problems})")]
     Invalid { url: String, problems: String },
+
+    /// A 3xx: the agent follows no redirect, so that no credential header ever reaches another origin.
+    #[error(
+        "{url} answered HTTP {status}, a redirect to {location}; the agent follows no redirect (its \
+         credentials must not leave the server's origin): point --server at the final URL"
+    )]
+    Redirect {
+        url: String,
+        status: u16,
+        /// `scheme://host:port` of the target only (its path or query may carry a token).
+        location: String,
+    },
+
+    /// The list body is larger than `--max-response-size`.
+    #[error(
+        "the answer of {url} is larger than {setting} allows ({limit} bytes); nothing was written. \
+         Raise it if the environment really is that large"
+    )]
+    TooLarge {
+        url: String,
+        limit: u64,
+        setting: String,
+    },
 
     #[error("unexpected HTTP {status} from {url}")]
     Unexpected { url: String, status: u16 },
@@ -60,7 +84,7 @@ pub enum SourceError {
 /// What kind of failure, for exit codes and health reasons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureClass {
-    /// The server could not be reached or failed (connection, timeout, 5xx).
+    /// The server could not be reached or failed (connection, timeout, 5xx, redirect, oversized answer).
     Unreachable,
     /// Credentials were refused or do not match the data.
     Auth,
@@ -81,6 +105,8 @@ impl SourceError {
         match self {
             SourceError::Unreachable { .. }
             | SourceError::ServerError { .. }
+            | SourceError::Redirect { .. }
+            | SourceError::TooLarge { .. }
             | SourceError::Unexpected { .. }
             | SourceError::BadResponse { .. } => FailureClass::Unreachable,
             SourceError::KeyMismatch { .. }

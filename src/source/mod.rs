@@ -2,11 +2,13 @@
 //!
 //! - `client`: the REST client (list an environment, retries, typed errors).
 //! - `stream`: the event subscription (reconnects, backoff), built on the `sse` framing parser.
+//! - `proxy`: which proxy reaches the server, from the environment as curl reads it.
 //! - `backup`: an encrypted backup file as a source (`--from-backup`, `--fallback-backup`).
 
 pub mod backup;
 mod client;
 mod error;
+mod proxy;
 mod sse;
 pub mod stream;
 

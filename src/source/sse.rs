@@ -2,8 +2,9 @@
 //!
 //! Lines end with CRLF, LF or CR. Only `event:` and `data:` matter (the upstream sends no `id:` or
 //! `retry:`); a line starting with `:` is a comment (the server's `: ping` and `: keep-alive`). A blank
-//! line dispatches the event. A line longer than the limit is an error, so a broken server cannot make
-//! the agent buffer without bound.
+//! line dispatches the event. An event larger than the limit (its name, all its `data:` lines so far and
+//! the line being read, together) is an error, so a broken server cannot make the agent buffer without
+//! bound, neither with one endless line nor with endless `data:` lines and no blank line.
 
 /// One parsed item of the stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -13,8 +14,8 @@ pub enum Frame {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("event stream line longer than {0} bytes")]
-pub struct LineTooLong(pub usize);
+#[error("event stream: one event is larger than {0} bytes")]
+pub struct EventTooLarge(pub usize);
 
 #[derive(Debug)]
 pub struct Parser {
@@ -22,25 +23,41 @@ pub struct Parser {
     name: String,
     data: String,
     has_data: bool,
-    max_line: usize,
+    max_event: usize,
     /// The previous chunk ended in CR: a leading LF of the next chunk belongs to it.
     after_cr: bool,
 }
 
 impl Parser {
-    pub fn new(max_line: usize) -> Parser {
+    /// A parser refusing events larger than `max_event` bytes.
+    pub fn new(max_event: usize) -> Parser {
         Parser {
             buf: Vec::new(),
             name: String::new(),
             data: String::new(),
             has_data: false,
-            max_line,
+            max_event,
             after_cr: false,
         }
     }
 
-    /// Feed a chunk; returns the frames it completed.
-    pub fn push(&mut self, mut chunk: &[u8]) -> Result<Vec<Frame>, LineTooLong> {
+    /// Bytes held for the event being read.
+    fn pending(&self) -> usize {
+        self.name.len() + self.data.len() + self.buf.len()
+    }
+
+    /// Forget the event being read (after an error; the connection is dropped).
+    fn reset(&mut self) {
+        self.buf = Vec::new();
+        self.name = String::new();
+        self.data = String::new();
+        self.has_data = false;
+        self.after_cr = false;
+    }
+
+    /// Feed a chunk; returns the frames it completed. Errors (and forgets the event being read) when the
+    /// event being read grows past the limit.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Result<Vec<Frame>, EventTooLarge> {
         let mut frames = Vec::new();
         if self.after_cr && chunk.first() == Some(&b'\n') {
             chunk = &chunk[1..];
@@ -50,6 +67,10 @@ impl Parser {
             self.buf.extend_from_slice(&chunk[..pos]);
             let line = std::mem::take(&mut self.buf);
             self.line(&line, &mut frames);
+            if self.pending() > self.max_event {
+                self.reset();
+                return Err(EventTooLarge(self.max_event));
+            }
             let is_cr = chunk[pos] == b'\r';
             chunk = &chunk[pos + 1..];
             if is_cr {
@@ -60,11 +81,11 @@ impl Parser {
                 }
             }
         }
-        self.buf.extend_from_slice(chunk);
-        if self.buf.len() > self.max_line {
-            self.buf.clear();
-            return Err(LineTooLong(self.max_line));
+        if self.pending() + chunk.len() > self.max_event {
+            self.reset();
+            return Err(EventTooLarge(self.max_event));
         }
+        self.buf.extend_from_slice(chunk);
         Ok(frames)
     }
 
@@ -147,6 +168,35 @@ mod tests {
                 data: "a\nb".into()
             }]
         );
-        assert_eq!(p.push(&[b'x'; 17]), Err(LineTooLong(16)));
+        assert_eq!(p.push(&[b'x'; 17]), Err(EventTooLarge(16)));
+    }
+
+    #[test]
+    fn the_limit_counts_every_data_line_of_one_event() {
+        // Lines of 10 bytes each, under the limit of 32 alone, but not together.
+        let mut p = Parser::new(32);
+        assert_eq!(p.push(b"data: 0123456789\n").unwrap(), vec![]);
+        assert_eq!(p.push(b"data: 0123456789\n").unwrap(), vec![]);
+        assert_eq!(
+            p.push(b"data: 0123456789\ndata: 0123456789\n"),
+            Err(EventTooLarge(32))
+        );
+        // The same lines as separate events pass, however many.
+        let mut p = Parser::new(32);
+        for _ in 0..100 {
+            assert_eq!(p.push(b"data: 0123456789\n\n").unwrap().len(), 1);
+        }
+        // The pending line counts with the data before it.
+        let mut p = Parser::new(32);
+        p.push(b"event: updated\ndata: 0123456789\n").unwrap();
+        assert_eq!(p.push(&[b'x'; 16]), Err(EventTooLarge(32)));
+        // After an error, the parser starts clean.
+        assert_eq!(
+            p.push(b"data: ok\n\n").unwrap(),
+            vec![Frame::Event {
+                name: "message".into(),
+                data: "ok".into()
+            }]
+        );
     }
 }

@@ -4,16 +4,21 @@
 //! Events are only hints: the stream is lossy (several workers, full queues drop the newest events, no
 //! replay after a reconnect). This task never keeps a value: from each event it keeps the type and the
 //! key, nothing else; the reconcile loop reads the truth over REST.
+//!
+//! Bounded: one event (all its `data:` lines and the line being read) may hold at most
+//! `--max-response-size` bytes, else the connection is dropped and made again with backoff; events wait
+//! in a queue of [`QUEUE`] (a full queue stops reading, so a flooding server cannot grow memory); a
+//! redirect is not followed; reasons reported hold no server text.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CACHE_CONTROL, RETRY_AFTER};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::client::{Client, status_error};
+use super::client::{Client, display_url, error_of, transport_reason};
 use super::sse::{Frame, Parser};
 use crate::backoff::Backoff;
 
@@ -80,14 +85,23 @@ struct Change {
     key: Option<String>,
 }
 
-const MAX_LINE: usize = 32 * 1024 * 1024;
+/// Capacity of the channel from the stream to the reconcile loop, in events.
+pub const QUEUE: usize = 1024;
+
+/// A `subscription_id` is kept (for `/status`) only when it looks like the upstream's UUIDs.
+fn plausible_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Longest key kept from a change event (the protocol allows 255 characters).
+const MAX_KEY: usize = 1024;
 
 /// Run the subscription until cancelled (or until it gives up).
 pub async fn run(
     client: Client,
     environment: String,
     opts: StreamOptions,
-    tx: UnboundedSender<StreamEvent>,
+    tx: Sender<StreamEvent>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(opts.initial_delay, opts.max_delay, opts.multiplier);
@@ -103,12 +117,11 @@ pub async fn run(
         } else {
             failures += 1;
         }
-        if tx
-            .send(StreamEvent::Disconnected {
-                reason: reason.clone(),
-            })
-            .is_err()
-        {
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = tx.send(StreamEvent::Disconnected { reason: reason.clone() }) => r,
+        };
+        if sent.is_err() {
             return;
         }
         if opts.max_attempts >= 0 && i64::from(failures) > opts.max_attempts {
@@ -116,10 +129,14 @@ pub async fn run(
                 attempts = failures,
                 "event stream: giving up after {failures} failed attempts"
             );
-            let _ = tx.send(StreamEvent::GaveUp { attempts: failures });
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tx.send(StreamEvent::GaveUp { attempts: failures }) => {}
+            }
             return;
         }
-        let delay = retry_after.unwrap_or_else(|| backoff.next_delay());
+        // A server's Retry-After is honoured up to --reconnect-max-delay.
+        let delay = retry_after.map_or_else(|| backoff.next_delay(), |d| d.min(opts.max_delay));
         info!(reason = %reason, retry_in_ms = delay.as_millis() as u64, "event stream disconnected, reconnecting");
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -134,7 +151,7 @@ async fn connect_and_read(
     client: &Client,
     environment: &str,
     opts: &StreamOptions,
-    tx: &UnboundedSender<StreamEvent>,
+    tx: &Sender<StreamEvent>,
 ) -> (String, Option<Duration>, bool) {
     let mut query = vec![("environment", environment)];
     if let Some(k) = &opts.key {
@@ -157,7 +174,7 @@ async fn connect_and_read(
         Ok(r) => r,
         Err(e) => {
             return (
-                format!("cannot connect: {}", crate::util::error_chain(&e)),
+                format!("cannot connect: {}", transport_reason(&e)),
                 None,
                 false,
             );
@@ -171,12 +188,12 @@ async fn connect_and_read(
         )
         .then(|| retry_after(response.headers()))
         .flatten();
-        let body = response.bytes().await.unwrap_or_default();
-        let err = status_error(status, &body, format!("GET {url}"), environment);
+        let err = error_of(response, &url, environment).await;
         return (err.to_string(), retry_after, false);
     }
-    debug!("event stream open");
-    let mut parser = Parser::new(MAX_LINE);
+    debug!(url = %display_url(&url), "event stream open");
+    let limit = usize::try_from(client.max_response_size()).unwrap_or(usize::MAX);
+    let mut parser = Parser::new(limit);
     let mut connected = false;
     loop {
         let chunk = match response.chunk().await {
@@ -186,14 +203,20 @@ async fn connect_and_read(
                 let reason = if e.is_timeout() {
                     "no data within the read timeout (dead connection?)".to_owned()
                 } else {
-                    format!("stream broken: {}", crate::util::error_chain(&e))
+                    format!("stream broken: {}", transport_reason(&e))
                 };
                 return (reason, None, connected);
             }
         };
         let frames = match parser.push(&chunk) {
             Ok(f) => f,
-            Err(e) => return (e.to_string(), None, connected),
+            Err(_) => {
+                let reason = format!(
+                    "an event is larger than {} allows ({limit} bytes); dropped the connection",
+                    crate::config::setting("max-response-size")
+                );
+                return (reason, None, connected);
+            }
         };
         for frame in frames {
             let event = match frame {
@@ -204,7 +227,8 @@ async fn connect_and_read(
                         StreamEvent::Connected {
                             subscription_id: serde_json::from_str::<Connected>(&data)
                                 .ok()
-                                .and_then(|c| c.subscription_id),
+                                .and_then(|c| c.subscription_id)
+                                .filter(|id| plausible_id(id)),
                         }
                     }
                     other => StreamEvent::Change {
@@ -217,11 +241,12 @@ async fn connect_and_read(
                         },
                         key: serde_json::from_str::<Change>(&data)
                             .ok()
-                            .and_then(|c| c.key),
+                            .and_then(|c| c.key)
+                            .filter(|k| k.len() <= MAX_KEY),
                     },
                 },
             };
-            if tx.send(event).is_err() {
+            if tx.send(event).await.is_err() {
                 return ("stopped".into(), None, connected);
             }
         }

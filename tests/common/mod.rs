@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,11 +11,55 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_osc-agent");
 pub const USER_KEY: &str = "integration-user-key-42";
+
+/// Proxy variables: removed from every process a test starts (a test that wants one sets it), so that
+/// the proxy settings of the machine running the suite change nothing.
+pub const PROXY_VARS: [&str; 8] = [
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+];
+
+fn without_proxy_vars(cmd: &mut Command) -> &mut Command {
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
+/// Remove the proxy variables from this test process, for a test that runs the agent's pipeline in
+/// process (children are cleaned by the helpers that start them).
+///
+/// Call it first thing in the only test of a test binary: changing the environment is sound only while
+/// no other thread reads it, which holds there (the runtime's workers are idle, no other test runs).
+pub fn forget_proxy_vars_of_this_process() {
+    for v in PROXY_VARS {
+        if std::env::var_os(v).is_some() {
+            // SAFETY: see above: no other thread of this process reads or writes the environment now.
+            unsafe { std::env::remove_var(v) };
+        }
+    }
+}
+
+/// A reqwest client for the tests' own calls: never through a proxy of the environment.
+pub fn http_client() -> reqwest::Client {
+    osc_agent::source::install_crypto_provider();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
+}
 
 /// Logs captured from every process a test started, to check that no secret ever reached them.
 #[derive(Clone, Default)]
@@ -62,7 +107,7 @@ impl DevServer {
     }
 
     pub async fn start_on(logs: &Logs, listen: &str, extra: &[&str]) -> DevServer {
-        let mut child = Command::new(BIN)
+        let mut child = without_proxy_vars(&mut Command::new(BIN))
             .arg("dev-server")
             .args(["--listen", listen])
             .args(extra)
@@ -133,9 +178,8 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, key: &str) -> Api {
-        osc_agent::source::install_crypto_provider();
         Api {
-            http: reqwest::Client::new(),
+            http: http_client(),
             url: url.to_owned(),
             key: key.to_owned(),
         }
@@ -227,7 +271,8 @@ pub struct Run {
 /// Run the agent binary to completion (60 s deadline), capturing its output into `logs`.
 pub async fn run_agent(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
+    without_proxy_vars(&mut cmd)
+        .args(args)
         .env_remove("OSC_USER_KEY")
         .env("OSC_LOG", "debug")
         .stdin(Stdio::null())
@@ -390,11 +435,21 @@ pub struct AgentProc {
 impl AgentProc {
     /// Start `osc-agent` (live mode) with `--admin-addr 127.0.0.1:0`; waits for the admin address.
     pub async fn start(logs: &Logs, args: &[&str]) -> AgentProc {
-        let mut child = Command::new(BIN)
+        Self::start_with_env(logs, args, &[]).await
+    }
+
+    /// [`AgentProc::start`] with extra environment variables.
+    pub async fn start_with_env(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
+        let mut cmd = Command::new(BIN);
+        without_proxy_vars(&mut cmd)
             .args(args)
             .args(["--admin-addr", "127.0.0.1:0"])
             .env_remove("OSC_USER_KEY")
-            .env("OSC_LOG", "debug")
+            .env("OSC_LOG", "debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -429,10 +484,7 @@ impl AgentProc {
         AgentProc {
             child,
             admin,
-            http: {
-                osc_agent::source::install_crypto_provider();
-                reqwest::Client::new()
-            },
+            http: http_client(),
         }
     }
 
@@ -536,4 +588,173 @@ pub async fn wait_file(path: &Path, expected: &str, deadline: Duration) {
         || async { std::fs::read_to_string(path).is_ok_and(|s| s == expected) },
     )
     .await;
+}
+
+/// The head of one request a [`FakeServer`] received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// `GET /configs?environment=prod HTTP/1.1` (absolute-form through a proxy).
+    pub line: String,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The request target: `/configs?...`, or `http://host:port/...` through a proxy.
+    pub fn target(&self) -> &str {
+        self.line.split(' ').nth(1).unwrap_or("")
+    }
+
+    /// The path of the target, also for an absolute-form target.
+    pub fn path(&self) -> &str {
+        let t = self.target();
+        let t = t
+            .strip_prefix("http://")
+            .map_or(t, |rest| rest.find('/').map_or("/", |i| &rest[i..]));
+        t.split('?').next().unwrap_or("")
+    }
+}
+
+/// A small HTTP/1.1 server on a loopback address, for answers no real server gives: it reads each
+/// request head (at most 64 KiB), records it, and hands it with the connection to `answer`, which
+/// writes whatever it wants. One request per connection (see [`respond`]).
+pub struct FakeServer {
+    pub addr: SocketAddr,
+    /// `http://addr`
+    pub url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeServer {
+    pub async fn start<F, Fut>(bind: &str, answer: F) -> FakeServer
+    where
+        F: Fn(Seen, TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(bind).await.expect("bind fake server");
+        let addr = listener.local_addr().expect("local addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let answer = Arc::new(answer);
+        let recorded = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let answer = answer.clone();
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let Some(request) = read_head(&mut conn).await else {
+                        return;
+                    };
+                    if let Ok(mut s) = recorded.lock() {
+                        s.push(request.clone());
+                    }
+                    answer(request, conn).await;
+                });
+            }
+        });
+        FakeServer {
+            addr,
+            url: format!("http://{addr}"),
+            seen,
+            task,
+        }
+    }
+
+    /// Every request head received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// How many requests had this path.
+    pub fn count(&self, path: &str) -> usize {
+        self.seen().iter().filter(|s| s.path() == path).count()
+    }
+
+    /// A forwarding HTTP proxy: records each absolute-form request, sends it in origin form (with
+    /// `connection: close`) to the host it names, and copies bytes both ways (streams included).
+    pub async fn proxy(bind: &str) -> FakeServer {
+        FakeServer::start(bind, |seen: Seen, mut client: TcpStream| async move {
+            let Some(rest) = seen.target().strip_prefix("http://") else {
+                respond(&mut client, 400, &[], b"").await;
+                return;
+            };
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let Ok(mut upstream) = TcpStream::connect(authority).await else {
+                respond(&mut client, 502, &[], b"").await;
+                return;
+            };
+            let method = seen.line.split(' ').next().unwrap_or("GET");
+            let mut head = format!(
+                "{method} {} HTTP/1.1\r\n",
+                if path.is_empty() { "/" } else { path }
+            );
+            for (k, v) in &seen.headers {
+                if k != "connection" && !k.starts_with("proxy-") {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+            }
+            head.push_str("connection: close\r\n\r\n");
+            if upstream.write_all(head.as_bytes()).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn read_head(conn: &mut TcpStream) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut chunk))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = text.split("\r\n");
+    let line = lines.next()?.to_owned();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some(Seen { line, headers })
+}
+
+/// Write a complete answer (`content-length`, `connection: close`) and close the connection.
+pub async fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+    let mut head = format!(
+        "HTTP/1.1 {status} Whatever\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body).await;
+    let _ = conn.shutdown().await;
 }
