@@ -155,18 +155,8 @@ impl Client {
             .await
             .map_err(|e| unreachable(&shown, &e, self.request_timeout))?;
         if status.is_success() {
-            return serde_json::from_slice::<Vec<Entry>>(&body).map_err(|e| {
-                SourceError::BadResponse {
-                    url: shown,
-                    // Only the position and class: serde's message may quote a value.
-                    reason: format!(
-                        "{:?} error at line {} column {}",
-                        e.classify(),
-                        e.line(),
-                        e.column()
-                    ),
-                }
-            });
+            return crate::state::parse_list(&body)
+                .map_err(|reason| SourceError::BadResponse { url: shown, reason });
         }
         Err(status_error(status, &body, shown, environment))
     }
