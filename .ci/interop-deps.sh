@@ -13,7 +13,7 @@ mkdir -p "$dir"
 
 if [ "$(PYTHONPATH="$dir/python" python3 -c 'import importlib.metadata as m; print(m.version("python-dotenv"))' 2>/dev/null)" != "$PY_DOTENV" ]; then
     rm -rf "$dir/python"
-    python3 -m pip install --quiet --disable-pip-version-check --no-input --no-deps \
+    python3 -m pip install --quiet --root-user-action=ignore --disable-pip-version-check --no-input --no-deps \
         --target "$dir/python" "python-dotenv==$PY_DOTENV"
 fi
 echo "python-dotenv $PY_DOTENV in $dir/python"

@@ -9,8 +9,8 @@
 //!   map built in the template. Only `is defined`, `is undefined` and `default` (`d`) accept one.
 //! - **JSON null** is the template's `none`. Printed, it reads `null`, like in JSON: also inside printed
 //!   lists and maps, in loops, and through `tojson`, `string`, `join` and the other filters that turn a
-//!   value into text; `true`/`false` likewise. Only minijinja's `~` operator spells them `none`/`true`
-//!   its own way (`None`, `True`).
+//!   value into text; `true`/`false` likewise. Only minijinja's `~` operator writes them its own way
+//!   (`None`, `True`).
 //! - **Numbers** print, and go through `tojson`, exactly as the server sent them. An integer of up to 128
 //!   bits or a float whose text is what a 64-bit float prints is a plain number (arithmetic works); any
 //!   other number (more digits, `1e400`, `-0`) is kept as its text: printing and `tojson` give that text,
@@ -36,6 +36,8 @@ pub struct Templates {
     env: Environment<'static>,
     /// Names that resolve to globals (`range`, `dict`, ...): not reported as missing variables.
     globals: Arc<BTreeSet<String>>,
+    /// Template texts by name, to tell a name written in the template from one computed from a value.
+    sources: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for Templates {
@@ -69,6 +71,7 @@ impl Templates {
         install_strict_filters(&mut env);
         install_strict_tests(&mut env);
         let globals = Arc::new(env.globals().map(|(name, _)| name.to_owned()).collect());
+        let mut texts = BTreeMap::new();
         for path in sources {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError(format!(
@@ -77,6 +80,7 @@ impl Templates {
                     crate::util::io_reason(&e)
                 ))
             })?;
+            texts.insert(template_name(path), text.clone());
             env.add_template_owned(template_name(path), text)
                 .map_err(|e| {
                     ConfigError(format!(
@@ -87,7 +91,11 @@ impl Templates {
                     ))
                 })?;
         }
-        Ok(Templates { env, globals })
+        Ok(Templates {
+            env,
+            globals,
+            sources: texts,
+        })
     }
 
     /// Render one template against a snapshot.
@@ -149,7 +157,10 @@ impl Templates {
                 let undefined = e.kind() == ErrorKind::UndefinedError
                     || e.detail().is_some_and(|d| d.contains("undefined"));
                 match (undefined, log.last()) {
-                    (true, Some(miss)) => format!("template '{name}'{line}: {miss}"),
+                    (true, Some(miss)) => format!(
+                        "template '{name}'{line}: {}",
+                        miss.describe(self.sources.get(&name).map_or("", String::as_str))
+                    ),
                     (true, None) => format!(
                         "template '{name}'{line}: undefined variable or attribute (keys are read as config[\"key\"])"
                     ),
@@ -168,12 +179,37 @@ impl Templates {
 
 /// What a render looked up and did not find, newest last: only to name the culprit in an error.
 #[derive(Debug, Default)]
-struct MissLog(Mutex<Vec<String>>);
+struct MissLog(Mutex<Vec<Miss>>);
+
+/// One failed lookup: `name` between two fixed parts of the message.
+#[derive(Clone, Debug)]
+struct Miss {
+    before: String,
+    name: String,
+    after: String,
+}
+
+impl Miss {
+    /// The message, naming the key, attribute or index only when the template's text holds it: a name
+    /// computed from a value (`config.hosts[config.region]`) could be a secret.
+    fn describe(&self, source: &str) -> String {
+        let name = if source.contains(&self.name) {
+            format!("'{}'", Escaped(&self.name))
+        } else {
+            "(computed from a value, not shown)".to_owned()
+        };
+        format!("{}{name}{}", self.before, self.after)
+    }
+}
 
 impl MissLog {
-    fn push(&self, what: String) {
+    fn push(&self, before: impl Into<String>, name: &str, after: impl Into<String>) {
         if let Ok(mut m) = self.0.lock() {
-            m.push(what);
+            m.push(Miss {
+                before: before.into(),
+                name: name.to_owned(),
+                after: after.into(),
+            });
         }
     }
     /// Forget the miss `back` places before the newest one: `is defined` or `default` has dealt with it
@@ -185,7 +221,7 @@ impl MissLog {
             m.remove(i);
         }
     }
-    fn last(&self) -> Option<String> {
+    fn last(&self) -> Option<Miss> {
         self.0.lock().ok().and_then(|m| m.last().cloned())
     }
 }
@@ -215,10 +251,11 @@ impl Object for Root {
             MISS_LOG => Some(Value::from_dyn_object(self.log.clone())),
             other => {
                 if !self.globals.contains(other) {
-                    self.log.push(format!(
-                        "variable '{}' is not defined (the context holds config, entries and environment)",
-                        Escaped(other)
-                    ));
+                    self.log.push(
+                        "variable ",
+                        other,
+                        " is not defined (the context holds config, entries and environment)",
+                    );
                 }
                 None
             }
@@ -248,11 +285,14 @@ impl Object for ConfigObject {
         let k = key.as_str()?;
         let found = self.values.get(k).cloned();
         if found.is_none() {
-            self.log.push(format!(
-                "key '{}' is not in environment '{}' (or is filtered out)",
-                Escaped(k),
-                Escaped(&self.environment)
-            ));
+            self.log.push(
+                "key ",
+                k,
+                format!(
+                    " is not in environment '{}' (or is filtered out)",
+                    Escaped(&self.environment)
+                ),
+            );
         }
         found
     }
@@ -341,19 +381,12 @@ impl Object for Tracked {
             Body::Map { values, .. } => key.as_str().and_then(|k| values.get(k)).cloned(),
         };
         if found.is_none() {
-            self.log.push(match (&self.body, key.as_str()) {
-                (Body::List(_), _) => format!(
-                    "index {} is out of range in {}",
-                    Escaped(&key.to_string()),
-                    self.owner
-                ),
-                (Body::Map { .. }, Some(k)) => {
-                    format!("attribute '{}' is not in {}", Escaped(k), self.owner)
-                }
-                (Body::Map { .. }, None) => {
-                    format!("{} has no item {}", self.owner, Escaped(&key.to_string()))
-                }
-            });
+            let after = format!(" is not in {}", self.owner);
+            match (&self.body, key.as_str()) {
+                (Body::List(_), _) => self.log.push("index ", &key.to_string(), after),
+                (Body::Map { .. }, Some(k)) => self.log.push("attribute ", k, after),
+                (Body::Map { .. }, None) => self.log.push("item ", &key.to_string(), after),
+            }
         }
         found
     }
@@ -663,7 +696,9 @@ fn holds_undefined(v: &Value) -> bool {
         if v.is_undefined() {
             return true;
         }
-        if v.downcast_object_ref::<Tracked>().is_some() || v.is_kwargs() {
+        if v.downcast_object_ref::<Tracked>().is_some()
+            || v.downcast_object_ref::<ConfigObject>().is_some()
+        {
             continue;
         }
         match v.kind() {
@@ -751,6 +786,7 @@ fn builtin_filters() -> Vec<(&'static str, Value)> {
         ("zip", Value::from_function(f::zip)),
         ("pprint", Value::from_function(f::pprint)),
         ("format", Value::from_function(f::format)),
+        ("tojson", Value::from_function(tojson)),
     ]
 }
 
@@ -857,7 +893,6 @@ fn install_strict_filters(env: &mut Environment<'static>) {
             },
         );
     }
-    env.add_filter("tojson", tojson);
 }
 
 fn install_strict_tests(env: &mut Environment<'static>) {
@@ -888,9 +923,13 @@ fn install_strict_tests(env: &mut Environment<'static>) {
 fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
     let indent = match indent {
         Some(i) => Some(i),
-        None => kwargs.get::<Option<Value>>("indent")?,
+        None if kwargs.has("indent") => Some(kwargs.get::<Value>("indent")?),
+        None => None,
     };
     kwargs.assert_all_used()?;
+    if indent.as_ref().is_some_and(Value::is_undefined) {
+        return Err(undefined_error("passed to the filter 'tojson'"));
+    }
     let style = match indent {
         None => Style::Spaced,
         Some(v) if v.kind() == ValueKind::Bool => {
@@ -1044,6 +1083,11 @@ mod tests {
             "{{ [config.db.passwrd] | map(\"upper\") | list }}",
             "{{ [config.db.passwrd] | select(\"none\") | list }}",
             "{{ config.db.passwrd | default(config.db.other) | tojson }}",
+            "{{ config.list | tojson(indent=config.db.passwrd) }}",
+            "{{ config.list | tojson(config.db.passwrd) }}",
+            "{{ config.list | join(config.db.passwrd) }}",
+            "{{ config.list | map(attribute=config.db.passwrd) | list }}",
+            "{{ config.list | sort(attribute=config.db.passwrd) }}",
         ] {
             if src.contains("other") {
                 fails(src, "'other' is not in the value of key 'db'");
@@ -1057,7 +1101,7 @@ mod tests {
         );
         fails(
             "{{ config.list[9] | tojson }}",
-            "index 9 is out of range in the value of key 'list'",
+            "index '9' is not in the value of key 'list'",
         );
         fails(
             "{{ entries[0].valu | tojson }}",
@@ -1185,6 +1229,22 @@ mod tests {
 
     #[test]
     fn errors_never_show_values() {
+        // A lookup computed from a value does not show the value.
+        for src in [
+            "{{ config.db[config.name] | tojson }}",
+            "{{ config[config.db.password] }}",
+            "{{ config.list[config[\"db.url\"].port] }}",
+        ] {
+            let err = render(src).unwrap_err();
+            assert!(
+                err.contains("(computed from a value, not shown)"),
+                "{src}: {err}"
+            );
+            assert!(
+                !err.contains("app") && !err.contains("pw") && !err.contains("5432"),
+                "{src}: {err}"
+            );
+        }
         for src in [
             "{{ config.db.password + 1 }}",
             "{{ config.db.password | int }}",
