@@ -342,7 +342,7 @@ async fn aggregate_outputs_in_every_format() {
     );
     assert_eq!(
         std::fs::read_to_string(p("all.env")).unwrap(),
-        "db_url=\"postgres://db/app\"\nport=\"5432\"\n"
+        "db_url='postgres://db/app'\nport='5432'\n"
     );
     assert_eq!(
         std::fs::read_to_string(p("all.properties")).unwrap(),

@@ -105,6 +105,20 @@ impl Formatter for PythonFormatter {
     fn write_f32<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f32) -> io::Result<()> {
         self.write_f64(w, f64::from(value))
     }
+
+    /// Numbers parsed with serde_json's `arbitrary_precision` arrive as text: integers stay exact (like
+    /// Python's ints; `-0` is `0`), floats get Python's `repr`.
+    fn write_number_str<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        value: &str,
+    ) -> io::Result<()> {
+        match value.parse::<f64>() {
+            Ok(f) if value.contains(['.', 'e', 'E']) => self.write_f64(w, f),
+            _ if value == "-0" => w.write_all(b"0"),
+            _ => w.write_all(value.as_bytes()),
+        }
+    }
 }
 
 /// Serializes `value` the way Python would (see [`Style`]).
@@ -212,5 +226,16 @@ mod tests {
         for (value, want) in cases {
             assert_eq!(python_float_repr(value), want, "{value:e}");
         }
+    }
+
+    #[test]
+    fn parsed_numbers_like_python() {
+        let value: serde_json::Value =
+            serde_json::from_str(r#"[1.5E3, 1e16, 0.1, 123456789012345678901234567890, -0]"#)
+                .unwrap();
+        assert_eq!(
+            to_string(&value, Style::Compact),
+            "[1500.0,1e+16,0.1,123456789012345678901234567890,0]"
+        );
     }
 }

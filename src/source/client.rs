@@ -199,16 +199,8 @@ impl Client {
             }
             Err(e) => return Err(unreachable(&shown, &e, self.request_timeout)),
         };
-        serde_json::from_slice::<Vec<Entry>>(&body).map_err(|e| SourceError::BadResponse {
-            url: shown,
-            // Only the position and class: serde's message may quote a value.
-            reason: format!(
-                "{:?} error at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            ),
-        })
+        crate::state::parse_list(&body)
+            .map_err(|reason| SourceError::BadResponse { url: shown, reason })
     }
 
     async fn with_retries<T, F, Fut>(&self, mut attempt: F) -> Result<T, SourceError>

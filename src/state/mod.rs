@@ -7,8 +7,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde_json::value::RawValue;
+use serde_json::{Number, Value};
+use tracing::warn;
 
 use crate::config::{ConfigError, Selection, setting};
+use crate::util::Escaped;
 
 /// One configuration entry as listed by the server. `Debug` never shows the value.
 #[derive(Clone, PartialEq, serde::Deserialize)]
@@ -26,6 +30,170 @@ impl fmt::Debug for Entry {
             .field("category", &self.category)
             .field("value", &"<redacted>")
             .finish()
+    }
+}
+
+/// Deepest nesting of arrays and objects accepted in one value (`[[1]]` is 2 levels). The renderers and
+/// serde_json walk values recursively; a deeper value is skipped by [`parse_list`] with a warning.
+pub const MAX_VALUE_DEPTH: usize = 127;
+
+/// One element of the list response, its value still unparsed.
+#[derive(serde::Deserialize)]
+struct Listed<'a> {
+    key: String,
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(borrow)]
+    value: &'a RawValue,
+}
+
+/// Parse the body of `GET /configs?environment=E`: a JSON array of entries.
+///
+/// The array and each entry's fields are read first, each value separately (skipping a value is not
+/// recursive in serde_json, so any nesting fits in the body's size): an entry whose value is nested
+/// deeper than [`MAX_VALUE_DEPTH`] is left out with one warning naming its key, the others are returned.
+/// Numbers keep the exact text the server sent (see [`parse_value`]).
+///
+/// # Errors
+/// The body is not such an array (not JSON, an entry without `key` or `value`, a non-string key or
+/// category): the reason gives the error class and position only, never text from the body.
+pub fn parse_list(body: &[u8]) -> Result<Vec<Entry>, String> {
+    let listed: Vec<Listed<'_>> = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    let mut entries = Vec::with_capacity(listed.len());
+    for item in listed {
+        match parse_value(item.value.get()) {
+            Ok(value) => entries.push(Entry {
+                key: item.key,
+                category: item.category,
+                value,
+            }),
+            Err(why) => warn!(
+                "key '{}' skipped: {why} (other keys are synced)",
+                Escaped(&item.key)
+            ),
+        }
+    }
+    Ok(entries)
+}
+
+/// Parse one value (valid JSON text) with its numbers exactly as written: serde_json's
+/// `arbitrary_precision` keeps every digit, and the exponents it respells (`1E5`, `1e5` → `1e+5`) get
+/// their original spelling back.
+///
+/// # Errors
+/// The value is nested deeper than [`MAX_VALUE_DEPTH`], or is not valid JSON; the message holds no
+/// part of the value.
+pub fn parse_value(raw: &str) -> Result<Value, String> {
+    let scan = scan(raw);
+    if scan.depth > MAX_VALUE_DEPTH {
+        return Err(format!(
+            "its value is nested deeper than {MAX_VALUE_DEPTH} levels of arrays and objects"
+        ));
+    }
+    let mut value: Value = serde_json::from_str(raw).map_err(|e| {
+        format!(
+            "its value is not valid JSON ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    if scan.respelled {
+        restore_spelling(&scan.numbers, &mut value);
+    }
+    Ok(value)
+}
+
+/// What one pass over a value's JSON text finds.
+struct Scan<'a> {
+    /// Deepest nesting of arrays and objects.
+    depth: usize,
+    /// Number tokens, in document order.
+    numbers: Vec<&'a str>,
+    /// Some number has an exponent that serde_json respells.
+    respelled: bool,
+}
+
+/// One iterative pass over JSON text (assumed valid): no recursion, whatever the nesting.
+fn scan(raw: &str) -> Scan<'_> {
+    let b = raw.as_bytes();
+    let mut out = Scan {
+        depth: 0,
+        numbers: Vec::new(),
+        respelled: false,
+    };
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() {
+                    match b[i] {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                out.depth = out.depth.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let token = &raw[start..i];
+                if let Some(e) = token.find(['e', 'E']) {
+                    out.respelled |=
+                        token[e..].starts_with('E') || !token[e + 1..].starts_with(['+', '-']);
+                }
+                out.numbers.push(token);
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Give the numbers of `value` the spelling of `tokens` (the same numbers in document order). Leaves
+/// `value` as it is when the two do not line up (an object with a duplicate key keeps only one value).
+fn restore_spelling(tokens: &[&str], value: &mut Value) {
+    fn numbers<'v>(v: &'v mut Value, out: &mut Vec<&'v mut Number>) {
+        match v {
+            Value::Number(n) => out.push(n),
+            Value::Array(items) => items.iter_mut().for_each(|x| numbers(x, out)),
+            Value::Object(map) => map.values_mut().for_each(|x| numbers(x, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    numbers(value, &mut found);
+    let lined_up = found.len() == tokens.len()
+        && found
+            .iter()
+            .zip(tokens)
+            .all(|(n, t)| t.parse::<Number>().is_ok_and(|p| p.as_str() == n.as_str()));
+    if lined_up {
+        for (n, t) in found.into_iter().zip(tokens) {
+            if n.as_str() != *t {
+                // The token is a valid JSON number (the text parsed) equal to `n`: only its spelling differs.
+                *n = Number::from_string_unchecked((*t).to_owned());
+            }
+        }
     }
 }
 
@@ -131,6 +299,79 @@ mod tests {
             ],
         );
         assert_eq!(snap.entries.keys().collect::<Vec<_>>(), vec!["db.url"]);
+    }
+
+    fn nested(levels: usize) -> String {
+        format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn values_up_to_the_depth_limit_parse() {
+        for levels in [0, 1, MAX_VALUE_DEPTH - 1, MAX_VALUE_DEPTH] {
+            let v = parse_value(&nested(levels)).unwrap();
+            assert_eq!(serde_json::to_string(&v).unwrap(), nested(levels));
+        }
+        let obj = format!(
+            "{}1{}",
+            r#"{"a":"#.repeat(MAX_VALUE_DEPTH),
+            "}".repeat(MAX_VALUE_DEPTH)
+        );
+        assert!(parse_value(&obj).is_ok());
+        let err = parse_value(&nested(MAX_VALUE_DEPTH + 1)).unwrap_err();
+        assert!(err.contains("nested deeper than"), "{err}");
+        // Brackets inside strings do not count.
+        assert!(parse_value(&format!("[\"{}\"]", "[".repeat(1000))).is_ok());
+    }
+
+    /// One entry nested too deep is skipped (the others are kept), whatever its depth: 100,000 levels
+    /// parse, skip and drop without recursion.
+    #[test]
+    fn deep_entries_are_skipped_not_fatal() {
+        for levels in [MAX_VALUE_DEPTH + 1, 130, 100_000] {
+            let body = format!(
+                r#"[{{"id":1,"key":"a","category":null,"environment":"prod","value":"x"}},
+                   {{"id":2,"key":"deep\nkey","category":"c","environment":"prod","value":{}}},
+                   {{"id":3,"key":"z","environment":"prod","value":{{"k":[1,2]}},"extra":{}}}]"#,
+                nested(levels),
+                nested(levels)
+            );
+            let entries = parse_list(body.as_bytes()).unwrap();
+            let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(keys, ["a", "z"], "{levels} levels");
+        }
+        assert!(parse_list(b"[{\"key\": \"a\"}]").is_err());
+        assert!(parse_list(b"{}").is_err());
+        let err = parse_list(b"[{\"key\": \"a\", \"value\": \"secret").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn numbers_keep_their_spelling() {
+        for text in [
+            "123456789012345678901234567890",
+            "-0",
+            "1.0",
+            "0.1",
+            "1e400",
+            "1E400",
+            "1e+400",
+            "2.5E-3",
+            "1e-07",
+            "[1e5,{\"a\":1E+5,\"b\":\"1e5\"},-0.0e0]",
+        ] {
+            let v = parse_value(text).unwrap();
+            assert_eq!(serde_json::to_string(&v).unwrap(), text);
+        }
+        // A duplicate key leaves one value: the spelling falls back to serde_json's (same number).
+        let v = parse_value(r#"{"a":1e5,"a":2e5}"#).unwrap();
+        assert_eq!(serde_json::to_string(&v).unwrap(), r#"{"a":2e+5}"#);
+        let listed =
+            parse_list(br#"[{"key":"n","value":{"big":123456789012345678901234567890,"e":1E3}}]"#)
+                .unwrap();
+        assert_eq!(
+            serde_json::to_string(&listed[0].value).unwrap(),
+            r#"{"big":123456789012345678901234567890,"e":1E3}"#
+        );
     }
 
     #[test]
