@@ -15,7 +15,7 @@ use crate::config::{AgentArgs, ConfigError, Settings, setting};
 use crate::exit::Exit;
 use crate::live::{self, LiveContext, Trigger};
 use crate::sink::kube::ObjectSink;
-use crate::sync::{Agent, SyncError, SyncReport, changed_keys};
+use crate::sync::{Agent, SyncError, SyncReport};
 use crate::telemetry::Telemetry;
 
 /// Validate the arguments into settings; the environment may come from the pod's own metadata.
@@ -85,6 +85,14 @@ pub async fn run(settings: Settings) -> Exit {
         None => info!(environment = %settings.environment, version = env!("CARGO_PKG_VERSION"),
                       "osc-agent rendering a backup, no server"),
     }
+    // Lock the outputs (held until exit) and remove what an interrupted earlier run left.
+    if let Err(e) = crate::sink::claim(&settings.outputs) {
+        if settings.once {
+            eprintln!("osc-agent: error: {e}");
+            return Exit::Partial;
+        }
+        warn!("{e} (retried at every sync)");
+    }
     if settings.once {
         return once(&agent, runner.as_ref(), &settings).await;
     }
@@ -105,7 +113,7 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
                     let ctx = ActionContext {
                         environment: settings.environment.clone(),
                         hash: applied.report.config_hash.clone(),
-                        changed_keys: changed_keys(None, &applied.digests),
+                        changed_keys: applied.changed_keys(None),
                     };
                     if !runner.execute(&ctx).await {
                         eprintln!(

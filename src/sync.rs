@@ -65,6 +65,20 @@ pub struct Applied {
     pub rendered: Arc<Rendered>,
     /// Keyed hash of each selected entry's value, to tell actions which keys changed.
     pub digests: BTreeMap<String, String>,
+    /// Keys changed since the local outputs were last completely written (by this or an earlier
+    /// process), from the record beside them; `None` when unknown.
+    pub changed_on_disk: Option<Vec<String>>,
+}
+
+impl Applied {
+    /// Keys changed since `previous` (digests this process applied before), else since what is on
+    /// disk, else every key.
+    pub fn changed_keys(&self, previous: Option<&BTreeMap<String, String>>) -> Vec<String> {
+        match (previous, &self.changed_on_disk) {
+            (None, Some(keys)) => keys.clone(),
+            (previous, _) => changed_keys(previous, &self.digests),
+        }
+    }
 }
 
 /// Why the outputs hold data that is not (yet) the server's current state.
@@ -259,6 +273,11 @@ impl Agent {
             );
         }
         let rendered = Arc::new(rendered);
+        let (outputs, d) = (self.outputs.clone(), digests.clone());
+        let changed_on_disk =
+            tokio::task::spawn_blocking(move || sink::changed_since_record(&outputs, &d))
+                .await
+                .unwrap_or(None);
         let mut written = self.write(rendered.clone()).await?;
         if let (Some(sink), Some(payload)) = (&self.objects, &rendered.objects) {
             let (changed, errors) = sink.apply(payload).await;
@@ -281,10 +300,17 @@ impl Agent {
             rejected: rendered.rejected.clone(),
         };
         if written.errors.is_empty() {
+            let (outputs, d) = (self.outputs.clone(), digests.clone());
+            match tokio::task::spawn_blocking(move || sink::record_keys(&outputs, &d)).await {
+                Ok(Err(e)) => warn!("{e} (the next start may name every key as changed)"),
+                Err(e) => warn!("recording the keys failed: {e}"),
+                Ok(Ok(())) => {}
+            }
             Ok(Applied {
                 report,
                 rendered,
                 digests,
+                changed_on_disk,
             })
         } else {
             Err(SyncError::Write {

@@ -23,7 +23,7 @@ use crate::render::Rendered;
 use crate::run::{log_failure, log_report};
 use crate::source::{FailureClass, StreamEvent, StreamOptions, stream};
 use crate::state::Filter;
-use crate::sync::{Agent, SyncError, changed_keys};
+use crate::sync::{Agent, SyncError};
 use crate::telemetry::Telemetry;
 use debounce::Debounce;
 
@@ -125,7 +125,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                         if first_apply && !existed && !settings.actions.act_on_start {
                             info!("first sync of a fresh start: no action (see --act-on-start)");
                         } else {
-                            let keys = changed_keys(digests.as_ref(), &applied.digests);
+                            let keys = applied.changed_keys(digests.as_ref());
                             queue.submit(applied.report.config_hash.clone(), keys);
                         }
                     }

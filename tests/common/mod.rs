@@ -270,6 +270,16 @@ pub struct Run {
 
 /// Run the agent binary to completion (60 s deadline), capturing its output into `logs`.
 pub async fn run_agent(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> Run {
+    run_agent_umask(logs, args, env, None).await
+}
+
+/// [`run_agent`] with the child's umask set to `umask` (when given) before it starts.
+pub async fn run_agent_umask(
+    logs: &Logs,
+    args: &[&str],
+    env: &[(&str, &str)],
+    umask: Option<u32>,
+) -> Run {
     let mut cmd = Command::new(BIN);
     without_proxy_vars(&mut cmd)
         .args(args)
@@ -279,6 +289,16 @@ pub async fn run_agent(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> Run 
         .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
+    }
+    if let Some(mask) = umask {
+        let mask = nix::sys::stat::Mode::from_bits_truncate(mask);
+        // SAFETY: umask(2) is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::stat::umask(mask);
+                Ok(())
+            });
+        }
     }
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
@@ -392,13 +412,13 @@ pub fn visible(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Hidden entries (`..data`, generations, `..data_tmp`).
+/// Hidden entries (`..data`, generations, `..data_tmp`), without the agent's lock file `..osc-agent`.
 pub fn hidden(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(".."))
+                .filter(|n| n.starts_with("..") && n != "..osc-agent")
                 .collect()
         })
         .unwrap_or_default();
