@@ -428,7 +428,7 @@ fn kill_if_alive(live: &Live) -> Result<bool, ActionError> {
 mod tests {
     use super::*;
 
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
     use std::process::Stdio;
 
     use tokio::process::{Child, Command};
@@ -467,10 +467,11 @@ mod tests {
 
     /// `sleep 30` whose argv[0] is `argv0`.
     fn spawn_sleep(argv0: &str) -> Child {
-        let child = Command::new("sleep")
-            .arg0(argv0)
-            .arg("30")
-            .stdin(Stdio::null())
+        let mut command = std::process::Command::new("sleep");
+        command.arg0(argv0).arg("30").stdin(Stdio::null());
+        // Whatever the test process inherited (SIGHUP ignored under `nohup`, ...).
+        crate::action::signals::reset_on_exec(&mut command);
+        let child = Command::from(command)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn sleep");
@@ -490,19 +491,52 @@ mod tests {
         }
     }
 
-    /// `sh -c SCRIPT MARKER` (the marker, as `$0`, makes the command line unique).
-    fn spawn_sh(script: &str, marker: &str, dir: &Path) -> Child {
-        let child = Command::new("sh")
+    /// A shell started by [`spawn_sh`]; its process group (the shell and the `sleep` it waits for) is
+    /// killed when dropped.
+    struct Shell {
+        child: Child,
+    }
+
+    impl Drop for Shell {
+        fn drop(&mut self) {
+            if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// The end of every [`spawn_sh`] script: wait for a background `sleep` without forking again (a
+    /// trapped signal interrupts `wait`, runs the trap, and the loop waits again).
+    const WAIT_WITHOUT_FORKING: &str = r#"sleep 30 &
+        echo ready > "$DIR/ready"
+        while kill -0 $! 2>/dev/null; do wait $!; done"#;
+
+    /// `sh -c 'SCRIPT; WAIT_WITHOUT_FORKING' MARKER` in its own process group, with every signal at its
+    /// default action whatever the test process inherited (under `nohup` SIGHUP is ignored, and a
+    /// non-interactive shell cannot trap a signal ignored at its start). The marker, as `$0`, makes the
+    /// command line unique. Returns once the shell is ready and is the only process matching the marker:
+    /// a forked copy of the shell has the same command line until it execs `sleep`.
+    async fn spawn_sh(script: &str, marker: &str, dir: &Path) -> Shell {
+        let mut command = std::process::Command::new("sh");
+        command
             .arg("-c")
-            .arg(script)
+            .arg(format!("{script}\n{WAIT_WITHOUT_FORKING}"))
             .arg(marker)
             .env("DIR", dir)
             .stdin(Stdio::null())
+            .process_group(0);
+        crate::action::signals::reset_on_exec(&mut command);
+        let child = Command::from(command)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn sh");
-        wait_exec(&child, marker);
-        child
+        let pid = pid_of(&child);
+        wait_until("the shell to be ready, alone with its marker", || {
+            dir.join("ready").exists()
+                && find(&by_cmdline(&regex::escape(marker))).is_ok_and(|p| pids(&p) == [pid])
+        })
+        .await;
+        Shell { child }
     }
 
     fn pid_of(child: &Child) -> i32 {
@@ -733,18 +767,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = unique("osc-hup-");
         let script = r#"trap 'echo hup >> "$DIR/count"' HUP
-            trap 'echo usr1 >> "$DIR/count"' USR1
-            echo ready > "$DIR/ready"
-            while :; do sleep 0.05; done"#;
-        let mut child = spawn_sh(script, &marker, dir.path());
-        let pid = pid_of(&child);
-        wait_until("traps installed", || dir.path().join("ready").exists()).await;
+            trap 'echo usr1 >> "$DIR/count"' USR1"#;
+        let shell = spawn_sh(script, &marker, dir.path()).await;
+        let pid = pid_of(&shell.child);
 
         let sent = signal(&by_cmdline(&marker), Signal::SIGHUP).expect("signalled");
         assert_eq!(
             pids(&sent),
             vec![pid],
-            "only the shell, not its sleep children"
+            "only the shell, not its sleep child"
         );
         let count = dir.path().join("count");
         wait_until("HUP counted", || !lines(&count).is_empty()).await;
@@ -755,8 +786,6 @@ mod tests {
         })
         .await;
         assert_eq!(lines(&count), vec!["hup", "usr1"]);
-
-        child.kill().await.expect("kill");
     }
 
     #[tokio::test]
@@ -764,25 +793,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = unique("osc-restart-");
         let mut polite = spawn_sleep(&format!("{marker}-polite"));
-        let stubborn_script = r#"trap '' TERM
-            echo ready > "$DIR/ready"
-            while :; do sleep 0.05; done"#;
-        let mut stubborn = spawn_sh(stubborn_script, &format!("{marker}-stubborn"), dir.path());
-        wait_until("TERM ignored", || dir.path().join("ready").exists()).await;
+        let mut stubborn = spawn_sh("trap '' TERM", &format!("{marker}-stubborn"), dir.path()).await;
 
         let grace = Duration::from_millis(300);
         let started = Instant::now();
         let outcome = restart(&by_cmdline(&marker), grace).await.expect("restart");
         assert!(started.elapsed() >= grace, "waited for the grace period");
         assert_eq!(pids(&outcome.terminated), vec![pid_of(&polite)]);
-        assert_eq!(pids(&outcome.killed), vec![pid_of(&stubborn)]);
+        assert_eq!(pids(&outcome.killed), vec![pid_of(&stubborn.child)]);
 
         assert_eq!(
             reap(&mut polite).await.signal(),
             Some(Signal::SIGTERM as i32)
         );
         assert_eq!(
-            reap(&mut stubborn).await.signal(),
+            reap(&mut stubborn.child).await.signal(),
             Some(Signal::SIGKILL as i32)
         );
     }
