@@ -390,7 +390,17 @@ pub struct AgentProc {
 impl AgentProc {
     /// Start `osc-agent` (live mode) with `--admin-addr 127.0.0.1:0`; waits for the admin address.
     pub async fn start(logs: &Logs, args: &[&str]) -> AgentProc {
-        let mut child = Command::new(BIN)
+        Self::start_with(logs, args, |_| {}).await
+    }
+
+    /// [`AgentProc::start`], after `setup` has adjusted the command (e.g. [`nohup_signals`]).
+    pub async fn start_with(
+        logs: &Logs,
+        args: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> AgentProc {
+        let mut command = Command::new(BIN);
+        command
             .args(args)
             .args(["--admin-addr", "127.0.0.1:0"])
             .env_remove("OSC_USER_KEY")
@@ -398,9 +408,9 @@ impl AgentProc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start agent");
+            .kill_on_drop(true);
+        setup(&mut command);
+        let mut child = command.spawn().expect("start agent");
         drain(
             child.stdout.take().expect("stdout"),
             logs.clone(),
@@ -536,4 +546,55 @@ pub async fn wait_file(path: &Path, expected: &str, deadline: Duration) {
         || async { std::fs::read_to_string(path).is_ok_and(|s| s == expected) },
     )
     .await;
+}
+
+// ---- Signal dispositions: what a test observes must not depend on what the test process inherited ----
+
+/// Makes `command` start with every signal at its default action and an empty mask, whatever the test
+/// process inherited: under `nohup` SIGHUP is ignored, a background job has SIGINT and SIGQUIT ignored,
+/// and a non-interactive `sh` cannot `trap` a signal that was ignored when it started.
+pub fn default_signals(command: &mut std::process::Command) -> &mut std::process::Command {
+    osc_agent::action::signals::reset_on_exec(command);
+    command
+}
+
+/// Makes `command` start the way a `nohup`ed background job under a strict supervisor would: SIGHUP,
+/// SIGINT and SIGQUIT ignored, and SIGHUP, SIGINT, SIGTERM and SIGUSR1 blocked.
+pub fn nohup_signals(command: &mut Command) {
+    use nix::libc;
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut blocked = SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGUSR1,
+    ] {
+        blocked.add(s);
+    }
+    // SAFETY: runs between fork and exec; `signal` and `pthread_sigmask` are async-signal-safe and
+    // nothing is allocated.
+    unsafe {
+        command.pre_exec(move || {
+            for s in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+                libc::signal(s, libc::SIG_IGN);
+            }
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None)?;
+            Ok(())
+        });
+    }
+}
+
+/// The signals a program can use (1-31, SIGRTMIN-SIGRTMAX) that a `/proc/PID/status` line such as
+/// `SigIgn:\t0000000000000006` lists; the C library's own (32, 33) are left out.
+pub fn usable_signals(status: &str, field: &str) -> Vec<i32> {
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    (1..=31)
+        .chain(nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX())
+        .filter(|s| mask & (1u64 << (s - 1)) != 0)
+        .collect()
 }
