@@ -583,7 +583,11 @@ async fn ten_thousand_changed_keys_with_long_names_reach_exec_and_http() {
     let run = run_agent(&logs, &strs(&once("first.json")), &[]).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(read("count"), "10000");
-    assert_eq!(read("keys"), "UNSET", "too long for the environment: not set");
+    assert_eq!(
+        read("keys"),
+        "UNSET",
+        "too long for the environment: not set"
+    );
     assert_eq!(read("file"), format!("{}\n", keys.join("\n")));
     let file = PathBuf::from(read("file-path"));
     assert!(file.is_absolute(), "{file:?}");
@@ -608,8 +612,7 @@ async fn ten_thousand_changed_keys_with_long_names_reach_exec_and_http() {
         ("10000", "UNSET")
     );
     assert!(
-        run.stderr.contains("cannot write the changed-keys file")
-            && run.stderr.contains("TMPDIR"),
+        run.stderr.contains("cannot write the changed-keys file") && run.stderr.contains("TMPDIR"),
         "{}",
         run.stderr
     );
@@ -652,8 +655,16 @@ async fn started_under_nohup_with_signals_blocked_the_agent_and_its_commands_beh
     })
     .await;
     let status = std::fs::read_to_string(seen.join("status")).unwrap();
-    assert_eq!(usable_signals(&status, "SigIgn:"), Vec::<i32>::new(), "{status}");
-    assert_eq!(usable_signals(&status, "SigBlk:"), Vec::<i32>::new(), "{status}");
+    assert_eq!(
+        usable_signals(&status, "SigIgn:"),
+        Vec::<i32>::new(),
+        "{status}"
+    );
+    assert_eq!(
+        usable_signals(&status, "SigBlk:"),
+        Vec::<i32>::new(),
+        "{status}"
+    );
     assert_eq!(
         std::fs::read_to_string(seen.join("hup")).unwrap_or_default(),
         "trapped\n"

@@ -181,7 +181,8 @@ impl KeysFile {
                 )
             })?;
         let path = dir.path().join(KEYS_FILE_NAME);
-        let failed = |e: io::Error| format!("cannot write {}: {}", escape_path(&path), io_reason(&e));
+        let failed =
+            |e: io::Error| format!("cannot write {}: {}", escape_path(&path), io_reason(&e));
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -316,12 +317,17 @@ mod tests {
     async fn ten_thousand_long_keys_go_through_the_file_only() {
         // 10,000 keys of 200 bytes: 2 MB, far over the kernel's 128 KiB for one variable and its total
         // argument space (the command could not even start with them in OSC_CHANGED_KEYS).
-        let keys: Vec<String> = (0..10_000).map(|i| format!("{i:05}.{}", "k".repeat(194))).collect();
+        let keys: Vec<String> = (0..10_000)
+            .map(|i| format!("{i:05}.{}", "k".repeat(194)))
+            .collect();
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(run_recording(dir.path(), keys.clone()).await, Ok(0));
         assert_eq!(read(dir.path(), "keys"), "UNSET", "never a truncated list");
         assert_eq!(read(dir.path(), "count"), "10000");
-        assert_eq!(read(dir.path(), "keys-file"), format!("{}\n", keys.join("\n")));
+        assert_eq!(
+            read(dir.path(), "keys-file"),
+            format!("{}\n", keys.join("\n"))
+        );
         assert_eq!(read(dir.path(), "keys-file-mode").trim(), "600");
         assert!(!Path::new(&read(dir.path(), "keys-file-path")).exists());
     }
@@ -374,7 +380,10 @@ mod tests {
         assert_eq!(run_recording(dir.path(), keys).await, Ok(0));
         let expected = ["two\\nlines", "nul\\0byte", "back\\\\slash", "plain"];
         assert_eq!(read(dir.path(), "keys"), expected.join("\n"));
-        assert_eq!(read(dir.path(), "keys-file"), format!("{}\n", expected.join("\n")));
+        assert_eq!(
+            read(dir.path(), "keys-file"),
+            format!("{}\n", expected.join("\n"))
+        );
         assert_eq!(read(dir.path(), "count"), "4");
     }
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::ActionError;
 use super::spec::ProcessTarget;
-use crate::util::io_reason;
+use crate::util::{Escaped, escape_path, io_reason};
 
 /// Where the process table lives.
 const PROC: &str = "/proc";
@@ -28,6 +28,8 @@ const EXIT_POLL: Duration = Duration::from_millis(50);
 /// Why a selector may match nothing although the app runs.
 const VISIBILITY_HINT: &str = "the agent only sees the app's processes when the pod sets \
      `shareProcessNamespace: true`; to signal them it must run as the same user or have the KILL capability";
+/// At most this many processes are named in a summary or an error; the others are counted.
+pub const MAX_NAMED: usize = 10;
 /// Why `kill` may be refused.
 const PERMISSION_HINT: &str =
     "the agent must run as the same user as the app or have the KILL capability (CAP_KILL)";
@@ -63,9 +65,25 @@ pub struct Process {
 }
 
 impl fmt::Display for Process {
+    /// `NAME (pid PID)`, the name escaped (any process may set its own name to any bytes).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (pid {})", self.name, self.pid)
+        write!(f, "{} (pid {})", Escaped(&self.name), self.pid)
     }
+}
+
+/// `items` joined by `separator`, at most [`MAX_NAMED`] of them, then `and N more`: a selector such as
+/// `cmdline=.` may match thousands of processes, and the text goes to logs and `/status`.
+pub fn bounded_list<T: fmt::Display>(items: &[T], separator: &str) -> String {
+    let mut text = items
+        .iter()
+        .take(MAX_NAMED)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(separator);
+    if items.len() > MAX_NAMED {
+        text.push_str(&format!(" and {} more", items.len() - MAX_NAMED));
+    }
+    text
 }
 
 /// What `restart` did: processes that exited after SIGTERM within the grace period, and those that had to
@@ -131,7 +149,7 @@ pub async fn restart(
         }
     }
     if !refused.is_empty() {
-        return Err(ActionError(refused.join("; ")));
+        return Err(ActionError(bounded_list(&refused, "; ")));
     }
     Ok(outcome)
 }
@@ -162,9 +180,9 @@ impl<'a> Selector<'a> {
 impl fmt::Display for Selector<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Selector::Name(name) => write!(f, "process={name}"),
-            Selector::Cmdline(re) => write!(f, "cmdline={re}"),
-            Selector::Pidfile(file) => write!(f, "pidfile={}", file.display()),
+            Selector::Name(name) => write!(f, "process={}", Escaped(name)),
+            Selector::Cmdline(re) => write!(f, "cmdline={}", Escaped(re.as_str())),
+            Selector::Pidfile(file) => write!(f, "pidfile={}", escape_path(file)),
         }
     }
 }
@@ -229,7 +247,7 @@ fn from_pidfile(file: &Path) -> Result<Live, ActionError> {
     let text = fs::read_to_string(file).map_err(|e| {
         ActionError(format!(
             "cannot read pidfile {}: {}",
-            file.display(),
+            escape_path(file),
             io_reason(&e)
         ))
     })?;
@@ -241,7 +259,7 @@ fn from_pidfile(file: &Path) -> Result<Live, ActionError> {
         .ok_or_else(|| {
             ActionError(format!(
                 "pidfile {} does not hold a process ID",
-                file.display()
+                escape_path(file)
             ))
         })?;
     let why = match Candidate::inspect(pid) {
@@ -255,7 +273,7 @@ fn from_pidfile(file: &Path) -> Result<Live, ActionError> {
     };
     Err(ActionError(format!(
         "pidfile {} names PID {pid}, {why}",
-        file.display()
+        escape_path(file)
     )))
 }
 
@@ -404,7 +422,7 @@ fn send(processes: Vec<Live>, sig: Signal) -> Result<Vec<Live>, ActionError> {
     };
     Err(ActionError(format!(
         "cannot send {sig} to {}{also}: {PERMISSION_HINT}",
-        refused.join(", ")
+        bounded_list(&refused, ", ")
     )))
 }
 
@@ -793,7 +811,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = unique("osc-restart-");
         let mut polite = spawn_sleep(&format!("{marker}-polite"));
-        let mut stubborn = spawn_sh("trap '' TERM", &format!("{marker}-stubborn"), dir.path()).await;
+        let mut stubborn =
+            spawn_sh("trap '' TERM", &format!("{marker}-stubborn"), dir.path()).await;
 
         let grace = Duration::from_millis(300);
         let started = Instant::now();
@@ -809,6 +828,42 @@ mod tests {
         assert_eq!(
             reap(&mut stubborn.child).await.signal(),
             Some(Signal::SIGKILL as i32)
+        );
+    }
+
+    #[tokio::test]
+    async fn many_matches_are_all_signalled_but_named_boundedly() {
+        // 25 processes, one of them named with a newline (a process may name itself anything).
+        let marker = unique("osc-many-");
+        let mut children: Vec<Child> = (0..24)
+            .map(|i| spawn_sleep(&format!("{marker}-{i}")))
+            .collect();
+        children.push(spawn_sleep(&format!("{marker}-forged\nline")));
+        let sent = signal(&by_cmdline(&marker), Signal::SIGTERM).expect("signalled");
+        assert_eq!(sent.len(), 25, "every match is signalled");
+        for child in &mut children {
+            assert_eq!(reap(child).await.signal(), Some(Signal::SIGTERM as i32));
+        }
+
+        let forged = Process {
+            pid: 7,
+            name: "app\nforged log line".into(),
+        };
+        assert_eq!(forged.to_string(), "app\\nforged log line (pid 7)");
+        let many: Vec<Process> = (1..=25)
+            .map(|pid| Process {
+                pid,
+                name: "w".into(),
+            })
+            .collect();
+        let text = bounded_list(&many, ", ");
+        assert!(text.starts_with("w (pid 1), w (pid 2)"), "{text}");
+        assert!(text.ends_with("w (pid 10) and 15 more"), "{text}");
+        assert_eq!(
+            bounded_list(&many[..MAX_NAMED], ", ")
+                .matches("pid")
+                .count(),
+            MAX_NAMED
         );
     }
 
