@@ -260,7 +260,11 @@ async fn a_signal_matching_nothing_is_a_clear_error_and_files_still_sync() {
     let detail = last["detail"].as_str().unwrap();
     assert!(detail.contains("no-such-app-7781"), "{detail}");
     assert_eq!(action_count(&agent, "error").await, 1.0);
-    assert!(logs.text().contains("action failed"));
+    // The agent logs before it records the result, but its stderr is read by another task.
+    wait_for("the failure logged", WAIT, || async {
+        logs.text().contains("action failed")
+    })
+    .await;
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }
 
