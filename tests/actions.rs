@@ -628,24 +628,29 @@ async fn started_under_nohup_with_signals_blocked_the_agent_and_its_commands_beh
     // Every event is dropped: only the SIGHUP below can bring the update.
     let (logs, server, scratch) = with_k(&["--drop-every", "1"]).await;
     let api = server.api();
-    // The command records its ignored and blocked signals, and whether it can trap SIGHUP.
+    // The commands, in order: `cp` records its own ignored and blocked signals (a shell would show the
+    // mask it sets while waiting for a child), then a shell checks that it can trap SIGHUP.
     let seen = scratch.path("seen");
-    let script = scratch.write(
+    std::fs::create_dir(&seen).unwrap();
+    let hook = scratch.write(
         "hook.sh",
         &format!(
-            "mkdir -p {seen} && cd {seen} && trap 'echo trapped > hup' HUP && kill -HUP $$ && \
-             grep -E '^Sig(Ign|Blk)' /proc/$$/status > status.tmp && mv status.tmp status\n",
+            "trap 'echo trapped > {seen}/hup.tmp' HUP\nkill -HUP $$\nmv {seen}/hup.tmp {seen}/hup\n",
             seen = seen.display()
         ),
     );
-    let action = format!("exec:command=sh {}", script.display());
+    let status = seen.join("status");
+    let actions = [
+        format!("exec:command=cp /proc/self/status {}.tmp", status.display()),
+        format!("exec:command=mv {0}.tmp {0}", status.display()),
+        format!("exec:command=sh {}", hook.display()),
+    ];
     let out = scratch.path("out");
-    let args = live_args(
-        &server.url,
-        &scratch,
-        &out,
-        &["--resync-interval", "10m", "--action", &action],
-    );
+    let mut extra = vec!["--resync-interval", "10m"];
+    for action in &actions {
+        extra.extend(["--action", action.as_str()]);
+    }
+    let args = live_args(&server.url, &scratch, &out, &extra);
     let agent = AgentProc::start_with(&logs, &strs(&args), nohup_signals).await;
     agent.wait_ready().await;
     settled(&agent, &[("k", json!(secret(0)))]).await;
@@ -654,11 +659,8 @@ async fn started_under_nohup_with_signals_blocked_the_agent_and_its_commands_beh
     agent.signal(nix::sys::signal::Signal::SIGHUP);
     wait_file(&out.join("k"), &secret(1), WAIT).await;
 
-    wait_for("the command's report", WAIT, || async {
-        seen.join("status").exists()
-    })
-    .await;
-    let status = std::fs::read_to_string(seen.join("status")).unwrap();
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+    let status = std::fs::read_to_string(&status).expect("cp ran");
     assert_eq!(
         usable_signals(&status, "SigIgn:"),
         Vec::<i32>::new(),
@@ -673,6 +675,7 @@ async fn started_under_nohup_with_signals_blocked_the_agent_and_its_commands_beh
         std::fs::read_to_string(seen.join("hup")).unwrap_or_default(),
         "trapped\n"
     );
+    assert_eq!(action_count(&agent, "ok").await, 3.0);
     // SIGTERM was blocked too: it still stops the agent cleanly.
     assert_eq!(agent.terminate().await.0, 0);
     logs.assert_free_of(&[SECRET, USER_KEY]);

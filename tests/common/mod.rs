@@ -62,7 +62,7 @@ impl DevServer {
     }
 
     pub async fn start_on(logs: &Logs, listen: &str, extra: &[&str]) -> DevServer {
-        let mut child = Command::new(BIN)
+        let mut child = clean_command(BIN)
             .arg("dev-server")
             .args(["--listen", listen])
             .args(extra)
@@ -226,7 +226,7 @@ pub struct Run {
 
 /// Run the agent binary to completion (60 s deadline), capturing its output into `logs`.
 pub async fn run_agent(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = clean_command(BIN);
     cmd.args(args)
         .env_remove("OSC_USER_KEY")
         .env("OSC_LOG", "debug")
@@ -399,7 +399,7 @@ impl AgentProc {
         args: &[&str],
         setup: impl FnOnce(&mut Command),
     ) -> AgentProc {
-        let mut command = Command::new(BIN);
+        let mut command = clean_command(BIN);
         command
             .args(args)
             .args(["--admin-addr", "127.0.0.1:0"])
@@ -556,6 +556,15 @@ pub async fn wait_file(path: &Path, expected: &str, deadline: Duration) {
 pub fn default_signals(command: &mut std::process::Command) -> &mut std::process::Command {
     osc_agent::action::signals::reset_on_exec(command);
     command
+}
+
+/// `Command::new(program)` with [`default_signals`]: the dev server and the agent then start the same
+/// whatever the test process inherited (a child inherits the signal mask, and ignored signals stay
+/// ignored across `exec`).
+pub fn clean_command(program: &str) -> Command {
+    let mut command = std::process::Command::new(program);
+    default_signals(&mut command);
+    Command::from(command)
 }
 
 /// Makes `command` start the way a `nohup`ed background job under a strict supervisor would: SIGHUP,
