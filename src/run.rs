@@ -237,6 +237,9 @@ fn spawn_signal_handlers(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // Started with them blocked (a supervisor's mask), the handlers above would never run.
+    use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGTERM};
+    crate::action::signals::unblock(&[SIGHUP, SIGINT, SIGTERM]).map_err(std::io::Error::from)?;
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,9 @@ fn secret(n: usize) -> String {
     format!("{SECRET}-{n}")
 }
 
-/// A shell script that appends one line to `count` per SIGHUP (and optionally ignores SIGTERM).
+/// A shell script that appends one line to `count` per SIGHUP (and optionally ignores SIGTERM). It starts
+/// with default signal dispositions whatever the test process inherited (`nohup`), and once started never
+/// forks again: a forked copy of the shell has its command line until it execs, and would match too.
 struct Counter {
     child: Child,
     count: PathBuf,
@@ -32,25 +34,46 @@ struct Counter {
 impl Counter {
     fn start(scratch: &Scratch, name: &str, ignore_term: bool) -> Counter {
         let count = scratch.path(&format!("{name}.count"));
+        let ready = scratch.path(&format!("{name}.ready"));
+        // `wait` returns when a trapped signal arrives; the trap runs and the loop waits again. The
+        // `sleep` bounds the life of an orphan if the test process is killed (Drop kills the group).
         let script = scratch.write(
             &format!("{name}.sh"),
             &format!(
-                "trap 'echo hup >> {}' HUP\n{}while :; do sleep 0.05; done\n",
-                count.display(),
-                if ignore_term { "trap '' TERM\n" } else { "" }
+                "trap 'echo hup >> {count}' HUP\n{term}sleep 300 &\necho $! > {ready}.tmp\nmv {ready}.tmp {ready}\n\
+                 while kill -0 $! 2>/dev/null; do wait $!; done\n",
+                count = count.display(),
+                ready = ready.display(),
+                term = if ignore_term { "trap '' TERM\n" } else { "" }
             ),
         );
-        let child = Command::new("sh")
-            .arg(&script)
+        let child = default_signals(Command::new("sh").arg(&script))
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("start the counter script");
         // The scratch directory's name is random: the pattern matches this process only.
         let pattern = format!("{}/{name}\\.sh", dir_name(scratch));
-        Counter {
+        let counter = Counter {
             child,
             count,
             pattern,
+        };
+        // Ready: the traps are set and the background `sleep` has exec'd (no copy of the shell is left).
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let sleeping = std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|pid| std::fs::read(format!("/proc/{}/cmdline", pid.trim())).ok())
+                .is_some_and(|cmdline| cmdline.starts_with(b"sleep\0"));
+            if sleeping {
+                return counter;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}.sh did not get ready"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -79,7 +102,11 @@ impl Counter {
 
 impl Drop for Counter {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The shell and its `sleep`.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.child.wait();
     }
 }
@@ -238,7 +265,11 @@ async fn a_signal_matching_nothing_is_a_clear_error_and_files_still_sync() {
     let detail = last["detail"].as_str().unwrap();
     assert!(detail.contains("no-such-app-7781"), "{detail}");
     assert_eq!(action_count(&agent, "error").await, 1.0);
-    assert!(logs.text().contains("action failed"));
+    // The agent logs before it records the result, but its stderr is read by another task.
+    wait_for("the failure logged", WAIT, || async {
+        logs.text().contains("action failed")
+    })
+    .await;
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }
 
@@ -473,5 +504,184 @@ async fn the_restart_loop_breaker_stops_actions_but_not_syncing() {
     assert_eq!(agent.metric("osc_agent_action_breaker_tripped").await, 1.0);
     assert_eq!(action_count(&agent, "skipped").await, 1.0);
     assert_eq!(app.hups(), 2);
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+/// A reload endpoint that records the size of each request's head (request line and headers), answering 200.
+async fn head_recorder() -> (String, Arc<Mutex<Vec<usize>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let heads: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let seen = heads.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/-/reload", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Bounded: a head over 1 MiB is recorded as such and answered.
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 1 << 20 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen.lock().unwrap().push(head.len());
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    (url, heads)
+}
+
+#[tokio::test]
+async fn ten_thousand_changed_keys_with_long_names_reach_exec_and_http() {
+    // 10,000 keys of 200 bytes: a 2 MB list, far over the kernel's 128 KiB for one environment variable
+    // (600 such keys were enough for "Argument list too long", and the hook never ran).
+    let keys: Vec<String> = (0..10_000)
+        .map(|i| format!("{i:05}.{}", "long-key-name-".repeat(14)))
+        .collect();
+    let logs = Logs::default();
+    let scratch = Scratch::new();
+    let seed: serde_json::Map<String, Value> =
+        keys.iter().map(|k| (k.clone(), json!(SECRET))).collect();
+    let seed = scratch.write("seed.json", &json!({ "prod": seed }).to_string());
+    let server = DevServer::start(
+        &logs,
+        &[
+            "--seed",
+            seed.to_str().unwrap(),
+            "--seed-user-key-file",
+            &scratch.key_file(),
+        ],
+    )
+    .await;
+    // The hook copies what it got; `UNSET` when OSC_CHANGED_KEYS is not set.
+    let seen = scratch.path("seen");
+    let script = scratch.write(
+        "hook.sh",
+        &format!(
+            "mkdir -p {seen} && cd {seen} && printf %s \"${{OSC_CHANGED_KEYS-UNSET}}\" > keys && \
+             printf %s \"$OSC_CHANGED_KEYS_COUNT\" > count && \
+             printf %s \"${{OSC_CHANGED_KEYS_FILE-UNSET}}\" > file-path && \
+             {{ [ ! -e \"$OSC_CHANGED_KEYS_FILE\" ] || cp \"$OSC_CHANGED_KEYS_FILE\" file; }}\n",
+            seen = seen.display()
+        ),
+    );
+    let (url, heads) = head_recorder().await;
+    let once = |output: &str| -> Vec<String> {
+        vec![
+            "--once".into(),
+            "--act-on-start".into(),
+            "--server".into(),
+            server.url.clone(),
+            "--environment".into(),
+            "prod".into(),
+            "--user-key-file".into(),
+            scratch.key_file(),
+            "--output".into(),
+            format!("{}:json", scratch.path(output).display()),
+            "--action".into(),
+            format!("exec:command=sh {}", script.display()),
+            "--action".into(),
+            format!("http:url={url},retries=0"),
+        ]
+    };
+    let read = |name: &str| std::fs::read_to_string(seen.join(name)).unwrap_or_default();
+
+    let run = run_agent(&logs, &strs(&once("first.json")), &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(read("count"), "10000");
+    assert_eq!(
+        read("keys"),
+        "UNSET",
+        "too long for the environment: not set"
+    );
+    assert_eq!(read("file"), format!("{}\n", keys.join("\n")));
+    let file = PathBuf::from(read("file-path"));
+    assert!(file.is_absolute(), "{file:?}");
+    assert!(!file.exists(), "removed after the command");
+    // The reload call carries no key list: its head stays small.
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(heads[0] < 4096, "request head of {} bytes", heads[0]);
+
+    // Nowhere to write the file (TMPDIR missing): the hook still runs, told why in the log.
+    std::fs::remove_dir_all(&seen).unwrap();
+    let missing = scratch.path("no-such-tmp");
+    let run = run_agent(
+        &logs,
+        &strs(&once("second.json")),
+        &[("TMPDIR", missing.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        (read("count").as_str(), read("file-path").as_str()),
+        ("10000", "UNSET")
+    );
+    assert!(
+        run.stderr.contains("cannot write the changed-keys file") && run.stderr.contains("TMPDIR"),
+        "{}",
+        run.stderr
+    );
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn started_under_nohup_with_signals_blocked_the_agent_and_its_commands_behave_as_usual() {
+    // Every event is dropped: only the SIGHUP below can bring the update.
+    let (logs, server, scratch) = with_k(&["--drop-every", "1"]).await;
+    let api = server.api();
+    // The commands, in order: `cp` records its own ignored and blocked signals (a shell would show the
+    // mask it sets while waiting for a child), then a shell checks that it can trap SIGHUP.
+    let seen = scratch.path("seen");
+    std::fs::create_dir(&seen).unwrap();
+    let hook = scratch.write(
+        "hook.sh",
+        &format!(
+            "trap 'echo trapped > {seen}/hup.tmp' HUP\nkill -HUP $$\nmv {seen}/hup.tmp {seen}/hup\n",
+            seen = seen.display()
+        ),
+    );
+    let status = seen.join("status");
+    let actions = [
+        format!("exec:command=cp /proc/self/status {}.tmp", status.display()),
+        format!("exec:command=mv {0}.tmp {0}", status.display()),
+        format!("exec:command=sh {}", hook.display()),
+    ];
+    let out = scratch.path("out");
+    let mut extra = vec!["--resync-interval", "10m"];
+    for action in &actions {
+        extra.extend(["--action", action.as_str()]);
+    }
+    let args = live_args(&server.url, &scratch, &out, &extra);
+    let agent = AgentProc::start_with(&logs, &strs(&args), &[], nohup_signals).await;
+    agent.wait_ready().await;
+    settled(&agent, &[("k", json!(secret(0)))]).await;
+
+    api.update("prod", "k", json!(secret(1))).await;
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_file(&out.join("k"), &secret(1), WAIT).await;
+
+    settled(&agent, &[("k", json!(secret(1)))]).await;
+    let status = std::fs::read_to_string(&status).expect("cp ran");
+    assert_eq!(
+        usable_signals(&status, "SigIgn:"),
+        Vec::<i32>::new(),
+        "{status}"
+    );
+    assert_eq!(
+        usable_signals(&status, "SigBlk:"),
+        Vec::<i32>::new(),
+        "{status}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(seen.join("hup")).unwrap_or_default(),
+        "trapped\n"
+    );
+    assert_eq!(action_count(&agent, "ok").await, 3.0);
+    // SIGTERM was blocked too: it still stops the agent cleanly.
+    assert_eq!(agent.terminate().await.0, 0);
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }

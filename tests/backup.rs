@@ -245,17 +245,14 @@ async fn fallback_backup_serves_until_the_server_answers() {
             json!("https://from-the-server.example"),
         )
         .await;
-    wait_file(
-        &out.join("api_url"),
-        "https://from-the-server.example",
-        WAIT,
-    )
+    // The server's truth replaces the backup's entries. The links of removed keys go after the swap
+    // that changes `api_url`: wait for the whole state, not for one file of it.
+    wait_for("only the server's entry", WAIT, || async {
+        visible(&out) == ["api_url"]
+            && std::fs::read_to_string(out.join("api_url"))
+                .is_ok_and(|s| s == "https://from-the-server.example")
+    })
     .await;
-    assert_eq!(
-        visible(&out),
-        vec!["api_url"],
-        "server truth replaced the backup's entries"
-    );
     wait_for("stale cleared", WAIT, || async {
         agent.status().await["stale"].is_null()
     })

@@ -311,6 +311,14 @@ async fn sighup_and_post_sync_reconcile_when_every_event_is_lost() {
     let scratch = Scratch::new();
     let agent = started(&logs, &server, &scratch, &["--resync-interval", "10m"]).await;
     let out = scratch.path("out/k");
+    // The start sync, `connected` counted and the sync it triggers: from here on, only SIGHUP and
+    // POST /sync can bring an update.
+    agent
+        .wait_metric("osc_agent_events_total", "1 (connected)", |v| v >= 1.0)
+        .await;
+    agent
+        .wait_metric("osc_agent_syncs_total", ">= 2", |v| v >= 2.0)
+        .await;
     api.update("prod", "k", json!(secret(1))).await;
     agent.signal(Signal::SIGHUP);
     wait_file(&out, &secret(1), WAIT).await;
@@ -390,10 +398,14 @@ async fn status_and_metrics_report_the_stream_without_values() {
         agent.metric("osc_agent_keepalives_total").await >= 2.0
     })
     .await;
+    // The file may land through the sync `connected` triggers, before the `updated` event is counted.
+    wait_for("the update event counted", WAIT, || async {
+        agent.status().await["stream"]["events_by_type"]["updated"].as_u64() >= Some(1)
+    })
+    .await;
     let status = agent.status().await;
     assert_eq!(status["stream"]["connected"], json!(true));
     assert!(status["stream"]["subscription_id"].is_string());
-    assert!(status["stream"]["events_by_type"]["updated"].as_u64() >= Some(1));
     assert_eq!(
         status["sync"]["applied_hash"].as_str().map(str::len),
         Some(64)

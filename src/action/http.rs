@@ -290,9 +290,7 @@ mod tests {
                         .or(statuses.last())
                         .copied()
                         .unwrap_or(200);
-                    if let Some(request) = answer(stream, status).await {
-                        log.lock().expect("lock").push(request);
-                    }
+                    answer(stream, status, &log).await;
                 }
             });
             Server {
@@ -306,8 +304,9 @@ mod tests {
         }
     }
 
-    /// Reads one request head and answers `status` with an empty body, closing the connection.
-    async fn answer(mut stream: TcpStream, status: u16) -> Option<Seen> {
+    /// Reads one request head, records it, and only then answers `status` (so that a caller who has the
+    /// answer finds the request recorded), closing the connection.
+    async fn answer(mut stream: TcpStream, status: u16, log: &Mutex<Vec<Seen>>) -> Option<()> {
         let mut head = Vec::new();
         let mut buf = [0u8; 1024];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -326,16 +325,16 @@ mod tests {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
+        log.lock().expect("lock").push(Seen {
+            method,
+            path,
+            headers,
+        });
         let response = format!(
             "HTTP/1.1 {status} Whatever\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbody!"
         );
         stream.write_all(response.as_bytes()).await.ok()?;
-        stream.shutdown().await.ok()?;
-        Some(Seen {
-            method,
-            path,
-            headers,
-        })
+        stream.shutdown().await.ok()
     }
 
     fn spec(url: &str) -> HttpSpec {

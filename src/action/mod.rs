@@ -5,11 +5,13 @@
 //! - [`http`]: call the app's reload endpoint. [`exec`]: run a command.
 //! - `rollout-restart` patches the pod's owner (see `crate::cluster`).
 //! - [`runner`]: one action per applied generation, cooldown, restart-loop breaker.
+//! - [`signals`]: children start with default signal dispositions; the agent gets the signals it handles.
 
 pub mod exec;
 pub mod http;
 pub mod process;
 pub mod runner;
+pub mod signals;
 pub mod spec;
 
 pub use spec::ActionSpec;

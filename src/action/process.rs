@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::ActionError;
 use super::spec::ProcessTarget;
-use crate::util::io_reason;
+use crate::util::{Escaped, escape_path, io_reason};
 
 /// Where the process table lives.
 const PROC: &str = "/proc";
@@ -28,6 +28,8 @@ const EXIT_POLL: Duration = Duration::from_millis(50);
 /// Why a selector may match nothing although the app runs.
 const VISIBILITY_HINT: &str = "the agent only sees the app's processes when the pod sets \
      `shareProcessNamespace: true`; to signal them it must run as the same user or have the KILL capability";
+/// At most this many processes are named in a summary or an error; the others are counted.
+pub const MAX_NAMED: usize = 10;
 /// Why `kill` may be refused.
 const PERMISSION_HINT: &str =
     "the agent must run as the same user as the app or have the KILL capability (CAP_KILL)";
@@ -63,9 +65,25 @@ pub struct Process {
 }
 
 impl fmt::Display for Process {
+    /// `NAME (pid PID)`, the name escaped (any process may set its own name to any bytes).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (pid {})", self.name, self.pid)
+        write!(f, "{} (pid {})", Escaped(&self.name), self.pid)
     }
+}
+
+/// `items` joined by `separator`, at most [`MAX_NAMED`] of them, then `and N more`: a selector such as
+/// `cmdline=.` may match thousands of processes, and the text goes to logs and `/status`.
+pub fn bounded_list<T: fmt::Display>(items: &[T], separator: &str) -> String {
+    let mut text = items
+        .iter()
+        .take(MAX_NAMED)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(separator);
+    if items.len() > MAX_NAMED {
+        text.push_str(&format!(" and {} more", items.len() - MAX_NAMED));
+    }
+    text
 }
 
 /// What `restart` did: processes that exited after SIGTERM within the grace period, and those that had to
@@ -131,7 +149,7 @@ pub async fn restart(
         }
     }
     if !refused.is_empty() {
-        return Err(ActionError(refused.join("; ")));
+        return Err(ActionError(bounded_list(&refused, "; ")));
     }
     Ok(outcome)
 }
@@ -162,9 +180,9 @@ impl<'a> Selector<'a> {
 impl fmt::Display for Selector<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Selector::Name(name) => write!(f, "process={name}"),
-            Selector::Cmdline(re) => write!(f, "cmdline={re}"),
-            Selector::Pidfile(file) => write!(f, "pidfile={}", file.display()),
+            Selector::Name(name) => write!(f, "process={}", Escaped(name)),
+            Selector::Cmdline(re) => write!(f, "cmdline={}", Escaped(re.as_str())),
+            Selector::Pidfile(file) => write!(f, "pidfile={}", escape_path(file)),
         }
     }
 }
@@ -229,7 +247,7 @@ fn from_pidfile(file: &Path) -> Result<Live, ActionError> {
     let text = fs::read_to_string(file).map_err(|e| {
         ActionError(format!(
             "cannot read pidfile {}: {}",
-            file.display(),
+            escape_path(file),
             io_reason(&e)
         ))
     })?;
@@ -241,7 +259,7 @@ fn from_pidfile(file: &Path) -> Result<Live, ActionError> {
         .ok_or_else(|| {
             ActionError(format!(
                 "pidfile {} does not hold a process ID",
-                file.display()
+                escape_path(file)
             ))
         })?;
     let why = match Candidate::inspect(pid) {
@@ -255,7 +273,7 @@ fn from_pidfile(file: &Path) -> Result<Live, ActionError> {
     };
     Err(ActionError(format!(
         "pidfile {} names PID {pid}, {why}",
-        file.display()
+        escape_path(file)
     )))
 }
 
@@ -404,7 +422,7 @@ fn send(processes: Vec<Live>, sig: Signal) -> Result<Vec<Live>, ActionError> {
     };
     Err(ActionError(format!(
         "cannot send {sig} to {}{also}: {PERMISSION_HINT}",
-        refused.join(", ")
+        bounded_list(&refused, ", ")
     )))
 }
 
@@ -428,7 +446,7 @@ fn kill_if_alive(live: &Live) -> Result<bool, ActionError> {
 mod tests {
     use super::*;
 
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
     use std::process::Stdio;
 
     use tokio::process::{Child, Command};
@@ -467,10 +485,11 @@ mod tests {
 
     /// `sleep 30` whose argv[0] is `argv0`.
     fn spawn_sleep(argv0: &str) -> Child {
-        let child = Command::new("sleep")
-            .arg0(argv0)
-            .arg("30")
-            .stdin(Stdio::null())
+        let mut command = std::process::Command::new("sleep");
+        command.arg0(argv0).arg("30").stdin(Stdio::null());
+        // Whatever the test process inherited (SIGHUP ignored under `nohup`, ...).
+        crate::action::signals::reset_on_exec(&mut command);
+        let child = Command::from(command)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn sleep");
@@ -490,19 +509,52 @@ mod tests {
         }
     }
 
-    /// `sh -c SCRIPT MARKER` (the marker, as `$0`, makes the command line unique).
-    fn spawn_sh(script: &str, marker: &str, dir: &Path) -> Child {
-        let child = Command::new("sh")
+    /// A shell started by [`spawn_sh`]; its process group (the shell and the `sleep` it waits for) is
+    /// killed when dropped.
+    struct Shell {
+        child: Child,
+    }
+
+    impl Drop for Shell {
+        fn drop(&mut self) {
+            if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// The end of every [`spawn_sh`] script: wait for a background `sleep` without forking again (a
+    /// trapped signal interrupts `wait`, runs the trap, and the loop waits again).
+    const WAIT_WITHOUT_FORKING: &str = r#"sleep 30 &
+        echo ready > "$DIR/ready"
+        while kill -0 $! 2>/dev/null; do wait $!; done"#;
+
+    /// `sh -c 'SCRIPT; WAIT_WITHOUT_FORKING' MARKER` in its own process group, with every signal at its
+    /// default action whatever the test process inherited (under `nohup` SIGHUP is ignored, and a
+    /// non-interactive shell cannot trap a signal ignored at its start). The marker, as `$0`, makes the
+    /// command line unique. Returns once the shell is ready and is the only process matching the marker:
+    /// a forked copy of the shell has the same command line until it execs `sleep`.
+    async fn spawn_sh(script: &str, marker: &str, dir: &Path) -> Shell {
+        let mut command = std::process::Command::new("sh");
+        command
             .arg("-c")
-            .arg(script)
+            .arg(format!("{script}\n{WAIT_WITHOUT_FORKING}"))
             .arg(marker)
             .env("DIR", dir)
             .stdin(Stdio::null())
+            .process_group(0);
+        crate::action::signals::reset_on_exec(&mut command);
+        let child = Command::from(command)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn sh");
-        wait_exec(&child, marker);
-        child
+        let pid = pid_of(&child);
+        wait_until("the shell to be ready, alone with its marker", || {
+            dir.join("ready").exists()
+                && find(&by_cmdline(&regex::escape(marker))).is_ok_and(|p| pids(&p) == [pid])
+        })
+        .await;
+        Shell { child }
     }
 
     fn pid_of(child: &Child) -> i32 {
@@ -733,18 +785,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = unique("osc-hup-");
         let script = r#"trap 'echo hup >> "$DIR/count"' HUP
-            trap 'echo usr1 >> "$DIR/count"' USR1
-            echo ready > "$DIR/ready"
-            while :; do sleep 0.05; done"#;
-        let mut child = spawn_sh(script, &marker, dir.path());
-        let pid = pid_of(&child);
-        wait_until("traps installed", || dir.path().join("ready").exists()).await;
+            trap 'echo usr1 >> "$DIR/count"' USR1"#;
+        let shell = spawn_sh(script, &marker, dir.path()).await;
+        let pid = pid_of(&shell.child);
 
         let sent = signal(&by_cmdline(&marker), Signal::SIGHUP).expect("signalled");
         assert_eq!(
             pids(&sent),
             vec![pid],
-            "only the shell, not its sleep children"
+            "only the shell, not its sleep child"
         );
         let count = dir.path().join("count");
         wait_until("HUP counted", || !lines(&count).is_empty()).await;
@@ -755,8 +804,6 @@ mod tests {
         })
         .await;
         assert_eq!(lines(&count), vec!["hup", "usr1"]);
-
-        child.kill().await.expect("kill");
     }
 
     #[tokio::test]
@@ -764,26 +811,59 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = unique("osc-restart-");
         let mut polite = spawn_sleep(&format!("{marker}-polite"));
-        let stubborn_script = r#"trap '' TERM
-            echo ready > "$DIR/ready"
-            while :; do sleep 0.05; done"#;
-        let mut stubborn = spawn_sh(stubborn_script, &format!("{marker}-stubborn"), dir.path());
-        wait_until("TERM ignored", || dir.path().join("ready").exists()).await;
+        let mut stubborn =
+            spawn_sh("trap '' TERM", &format!("{marker}-stubborn"), dir.path()).await;
 
         let grace = Duration::from_millis(300);
         let started = Instant::now();
         let outcome = restart(&by_cmdline(&marker), grace).await.expect("restart");
         assert!(started.elapsed() >= grace, "waited for the grace period");
         assert_eq!(pids(&outcome.terminated), vec![pid_of(&polite)]);
-        assert_eq!(pids(&outcome.killed), vec![pid_of(&stubborn)]);
+        assert_eq!(pids(&outcome.killed), vec![pid_of(&stubborn.child)]);
 
         assert_eq!(
             reap(&mut polite).await.signal(),
             Some(Signal::SIGTERM as i32)
         );
         assert_eq!(
-            reap(&mut stubborn).await.signal(),
+            reap(&mut stubborn.child).await.signal(),
             Some(Signal::SIGKILL as i32)
+        );
+    }
+
+    #[tokio::test]
+    async fn many_matches_are_all_signalled_but_named_boundedly() {
+        // 25 processes, one of them named with a newline (a process may name itself anything).
+        let marker = unique("osc-many-");
+        let mut children: Vec<Child> = (0..24)
+            .map(|i| spawn_sleep(&format!("{marker}-{i}")))
+            .collect();
+        children.push(spawn_sleep(&format!("{marker}-forged\nline")));
+        let sent = signal(&by_cmdline(&marker), Signal::SIGTERM).expect("signalled");
+        assert_eq!(sent.len(), 25, "every match is signalled");
+        for child in &mut children {
+            assert_eq!(reap(child).await.signal(), Some(Signal::SIGTERM as i32));
+        }
+
+        let forged = Process {
+            pid: 7,
+            name: "app\nforged log line".into(),
+        };
+        assert_eq!(forged.to_string(), "app\\nforged log line (pid 7)");
+        let many: Vec<Process> = (1..=25)
+            .map(|pid| Process {
+                pid,
+                name: "w".into(),
+            })
+            .collect();
+        let text = bounded_list(&many, ", ");
+        assert!(text.starts_with("w (pid 1), w (pid 2)"), "{text}");
+        assert!(text.ends_with("w (pid 10) and 15 more"), "{text}");
+        assert_eq!(
+            bounded_list(&many[..MAX_NAMED], ", ")
+                .matches("pid")
+                .count(),
+            MAX_NAMED
         );
     }
 

@@ -171,12 +171,7 @@ impl Runner {
     }
 
     async fn run_one(&self, spec: &ActionSpec, ctx: &ActionContext) -> Result<String, ActionError> {
-        let names = |p: &[process::Process]| {
-            p.iter()
-                .map(|p| format!("{} ({})", p.pid, p.name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let names = |p: &[process::Process]| process::bounded_list(p, ", ");
         match spec {
             ActionSpec::Signal(s) => {
                 let name = s.signal.as_deref().unwrap_or("HUP");

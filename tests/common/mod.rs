@@ -107,7 +107,7 @@ impl DevServer {
     }
 
     pub async fn start_on(logs: &Logs, listen: &str, extra: &[&str]) -> DevServer {
-        let mut child = without_proxy_vars(&mut Command::new(BIN))
+        let mut child = clean_command(BIN)
             .arg("dev-server")
             .args(["--listen", listen])
             .args(extra)
@@ -280,9 +280,8 @@ pub async fn run_agent_umask(
     env: &[(&str, &str)],
     umask: Option<u32>,
 ) -> Run {
-    let mut cmd = Command::new(BIN);
-    without_proxy_vars(&mut cmd)
-        .args(args)
+    let mut cmd = clean_command(BIN);
+    cmd.args(args)
         .env_remove("OSC_USER_KEY")
         .env("OSC_LOG", "debug")
         .stdin(Stdio::null())
@@ -455,27 +454,35 @@ pub struct AgentProc {
 impl AgentProc {
     /// Start `osc-agent` (live mode) with `--admin-addr 127.0.0.1:0`; waits for the admin address.
     pub async fn start(logs: &Logs, args: &[&str]) -> AgentProc {
-        Self::start_with_env(logs, args, &[]).await
+        Self::start_with(logs, args, &[], |_| {}).await
     }
 
     /// [`AgentProc::start`] with extra environment variables.
     pub async fn start_with_env(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
-        let mut cmd = Command::new(BIN);
-        without_proxy_vars(&mut cmd)
+        Self::start_with(logs, args, env, |_| {}).await
+    }
+
+    /// [`AgentProc::start`] with extra environment variables, after `setup` has adjusted the command
+    /// (e.g. [`nohup_signals`]).
+    pub async fn start_with(
+        logs: &Logs,
+        args: &[&str],
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> AgentProc {
+        let mut command = clean_command(BIN);
+        command
             .args(args)
             .args(["--admin-addr", "127.0.0.1:0"])
             .env_remove("OSC_USER_KEY")
-            .env("OSC_LOG", "debug");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
+            .env("OSC_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start agent");
+            .kill_on_drop(true);
+        setup(&mut command);
+        let mut child = command.spawn().expect("start agent");
         drain(
             child.stdout.take().expect("stdout"),
             logs.clone(),
@@ -777,4 +784,67 @@ pub async fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, &str)]
     let _ = conn.write_all(head.as_bytes()).await;
     let _ = conn.write_all(body).await;
     let _ = conn.shutdown().await;
+}
+
+// ---- Signal dispositions: what a test observes must not depend on what the test process inherited ----
+
+/// Makes `command` start with every signal at its default action and an empty mask, whatever the test
+/// process inherited: under `nohup` SIGHUP is ignored, a background job has SIGINT and SIGQUIT ignored,
+/// and a non-interactive `sh` cannot `trap` a signal that was ignored when it started.
+pub fn default_signals(command: &mut std::process::Command) -> &mut std::process::Command {
+    osc_agent::action::signals::reset_on_exec(command);
+    command
+}
+
+/// `Command::new(program)` with [`default_signals`]: the dev server and the agent then start the same
+/// whatever the test process inherited (a child inherits the signal mask, and ignored signals stay
+/// ignored across `exec`).
+/// The machine's proxy variables are removed too (see [`without_proxy_vars`]).
+pub fn clean_command(program: &str) -> Command {
+    let mut command = std::process::Command::new(program);
+    default_signals(&mut command);
+    let mut command = Command::from(command);
+    without_proxy_vars(&mut command);
+    command
+}
+
+/// Makes `command` start the way a `nohup`ed background job under a strict supervisor would: SIGHUP,
+/// SIGINT and SIGQUIT ignored, and SIGHUP, SIGINT, SIGTERM and SIGUSR1 blocked.
+pub fn nohup_signals(command: &mut Command) {
+    use nix::libc;
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut blocked = SigSet::empty();
+    for s in [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGUSR1,
+    ] {
+        blocked.add(s);
+    }
+    // SAFETY: runs between fork and exec; `signal` and `pthread_sigmask` are async-signal-safe and
+    // nothing is allocated.
+    unsafe {
+        command.pre_exec(move || {
+            for s in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+                libc::signal(s, libc::SIG_IGN);
+            }
+            pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None)?;
+            Ok(())
+        });
+    }
+}
+
+/// The signals a program can use (1-31, SIGRTMIN-SIGRTMAX) that a `/proc/PID/status` line such as
+/// `SigIgn:\t0000000000000006` lists; the C library's own (32, 33) are left out.
+pub fn usable_signals(status: &str, field: &str) -> Vec<i32> {
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    (1..=31)
+        .chain(nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX())
+        .filter(|s| mask & (1u64 << (s - 1)) != 0)
+        .collect()
 }
