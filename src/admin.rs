@@ -1,5 +1,9 @@
 //! The admin HTTP server: `/healthz` (liveness), `/readyz` (readiness), `/metrics` (Prometheus),
-//! `/status` (JSON statistics) and `POST /sync` (reconcile now).
+//! `/status` (JSON statistics) and `POST /sync` (reconcile now, at most once per `--sync-min-interval`).
+//!
+//! The server has no authentication (kubelet probes need plain HTTP): anyone who can reach the port
+//! can read `/status` and `/metrics` (no value, key or token is ever in them) and ask for reconciles,
+//! which [`OnDemand`] rate-limits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,16 +15,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::live::Trigger;
+use crate::live::{OnDemand, Outcome};
 use crate::telemetry::Telemetry;
 
 #[derive(Clone)]
 struct AdminState {
     telemetry: Arc<Telemetry>,
-    triggers: UnboundedSender<Trigger>,
+    on_demand: Arc<OnDemand>,
     stale_after: Duration,
     stall: Duration,
 }
@@ -33,14 +36,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 pub async fn serve(
     listener: tokio::net::TcpListener,
     telemetry: Arc<Telemetry>,
-    triggers: UnboundedSender<Trigger>,
+    on_demand: Arc<OnDemand>,
     stale_after: Duration,
     stall: Duration,
     cancel: CancellationToken,
 ) {
     let state = AdminState {
         telemetry,
-        triggers,
+        on_demand,
         stale_after,
         stall,
     };
@@ -112,13 +115,37 @@ async fn status(State(s): State<AdminState>) -> Response {
     };
     doc["status"] = json!(state);
     doc["health_reason"] = json!(reason);
+    // A POST /sync or SIGHUP waiting for --sync-min-interval: due in N ms (null: none pending).
+    doc["sync"]["requested_in_ms"] = json!(s.on_demand.due_at().map(|at| {
+        let left = at.saturating_duration_since(std::time::Instant::now());
+        u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+    }));
     json_response(StatusCode::OK, doc)
 }
 
+/// 202 with when the reconcile will run: `{"status": "sync scheduled", "result": "now" | "delayed" |
+/// "coalesced", "runs_in_ms": N}` (`delayed`/`coalesced`: within `--sync-min-interval` of the previous
+/// reconcile). Never refused while the loop runs: requests are merged, not queued.
 async fn sync(State(s): State<AdminState>) -> Response {
-    match s.triggers.send(Trigger::Sync("POST /sync")) {
-        Ok(()) => json_response(StatusCode::ACCEPTED, json!({"status": "sync scheduled"})),
-        Err(_) => json_response(
+    match s.on_demand.request("POST /sync") {
+        Some(scheduled) => {
+            let runs_in = scheduled
+                .at
+                .saturating_duration_since(std::time::Instant::now());
+            let status = match scheduled.outcome {
+                Outcome::Coalesced => "sync already scheduled",
+                Outcome::Now | Outcome::Delayed => "sync scheduled",
+            };
+            json_response(
+                StatusCode::ACCEPTED,
+                json!({
+                    "status": status,
+                    "result": scheduled.outcome.as_str(),
+                    "runs_in_ms": u64::try_from(runs_in.as_millis()).unwrap_or(u64::MAX),
+                }),
+            )
+        }
+        None => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "shutting down"}),
         ),
