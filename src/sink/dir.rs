@@ -197,9 +197,7 @@ fn write_generation(
         }
         for (file, bytes) in files {
             if super::aborting() {
-                return Err(std::io::Error::other(
-                    "abandoned: the agent is shutting down",
-                ));
+                return Err(std::io::Error::other("abandoned: the agent is shutting down"));
             }
             create_file(&path.join(file), bytes, opts)?;
         }
