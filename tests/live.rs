@@ -468,17 +468,12 @@ async fn a_burst_of_post_sync_and_sighup_costs_one_list_call_per_interval() {
 
     let burst_start = Instant::now();
     let requests = 40;
+    let mut answers = Vec::new();
     for i in 0..requests {
         if i % 10 == 5 {
             agent.signal(Signal::SIGHUP);
         } else {
-            let (code, body) = agent.post("/sync").await;
-            assert_eq!(code, 202, "{body}");
-            assert!(
-                ["now", "delayed", "coalesced"].contains(&body["result"].as_str().unwrap_or("")),
-                "{body}"
-            );
-            assert!(body["runs_in_ms"].as_u64() <= Some(1000), "{body}");
+            answers.push(agent.post("/sync").await);
         }
         // The pace of the burst (one request every 50 ms), not a wait for anything.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -498,7 +493,15 @@ async fn a_burst_of_post_sync_and_sighup_costs_one_list_call_per_interval() {
         (2..=bound).contains(&calls),
         "{requests} requests in {duration:?} made {calls} list calls (bound {bound})"
     );
-    // Every request is counted, by how it was scheduled.
+    // Each answer says when its reconcile runs; every request is counted by how it was scheduled.
+    for (code, body) in &answers {
+        assert_eq!(*code, 202, "{body}");
+        assert!(
+            ["now", "delayed", "coalesced"].contains(&body["result"].as_str().unwrap_or("")),
+            "{body}"
+        );
+        assert!(body["runs_in_ms"].as_u64() <= Some(1000), "{body}");
+    }
     agent
         .wait_metric(
             "osc_agent_sync_requests_total",
@@ -517,6 +520,16 @@ async fn a_burst_of_post_sync_and_sighup_costs_one_list_call_per_interval() {
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }
 
+/// Waits until `/status` reports the user key mismatch (the server's 500).
+async fn wait_key_mismatch(agent: &AgentProc) {
+    wait_for("key mismatch reported", WAIT, || async {
+        agent.status().await["sync"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not match"))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn noise_in_the_credential_directory_keeps_the_backoff_and_rotations_retry_at_once() {
     let logs = Logs::default();
@@ -525,9 +538,8 @@ async fn noise_in_the_credential_directory_keeps_the_backoff_and_rotations_retry
     api.create("prod", "k", json!(secret(0))).await;
     let scratch = Scratch::new();
     let secret_dir = scratch.path("secret");
-    let wrong_key = "wrong-user-key-0001";
-    let second_key = "second-user-key-0002";
-    mount_secret(&secret_dir, wrong_key);
+    let (second_key, third_key) = ("second-user-key-0002", "third-user-key-0003");
+    mount_secret(&secret_dir, USER_KEY);
     let out = scratch.path("out");
     let mut args = live_args(&server.url, &scratch, &out, &["--resync-interval", "10m"]);
     let key_path = secret_dir.join("user-key");
@@ -548,56 +560,53 @@ async fn noise_in_the_credential_directory_keeps_the_backoff_and_rotations_retry
         },
     )
     .await;
-    wait_for("key mismatch reported", WAIT, || async {
-        agent.status().await["sync"]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("does not match"))
-    })
-    .await;
+    agent.wait_ready().await;
+
+    // The data is re-sealed under another key: the agent's syncs fail from now on.
+    api.with_key(second_key)
+        .create("prod", "k2", json!(secret(2)))
+        .await;
+    wait_key_mismatch(&agent).await;
     let before = server.list_calls().await;
-    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
-    // The observation window: the log keeps growing, the backoff must hold.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The observation window: files written next to the credential file (by someone else, and the
+    // agent's own log lines) must not cut the backoff short.
+    let neighbour = secret_dir.join("notes.txt");
+    for i in 0..30 {
+        std::fs::write(&neighbour, format!("noise {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let calls = server.list_calls().await - before;
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        text.lines().count() > lines_before,
-        "the agent kept logging into the credential directory"
-    );
     assert!(
         calls <= 1,
         "{calls} list calls in 3 s while the retry waits 15-30 s (at most one is brought forward, by \
          the stream's connect)"
     );
+    let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        !text.contains("agent.log"),
-        "the watcher logged events of its own log file"
+        !text.contains("agent.log") && !text.contains("notes.txt"),
+        "the watcher logged events of unwatched names"
     );
 
     // A kubelet-style rotation (..data swap) retries at once, well before the backoff.
-    mount_secret(&secret_dir, USER_KEY);
-    wait_file(&out.join("k"), &secret(0), Duration::from_secs(10)).await;
-
-    // The data is re-sealed under another key: failing again, until the key file is replaced.
-    api.with_key(second_key)
-        .create("prod", "k2", json!(secret(1)))
-        .await;
-    wait_for("key mismatch reported again", WAIT, || async {
-        agent.status().await["sync"]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("does not match"))
-    })
-    .await;
     api.delete("prod", "k").await;
-    let replacement = secret_dir.join("user-key.new");
-    std::fs::write(&replacement, format!("{second_key}\n")).unwrap();
-    std::fs::rename(&replacement, &key_path).unwrap();
-    wait_file(&out.join("k2"), &secret(1), Duration::from_secs(10)).await;
+    mount_secret(&secret_dir, second_key);
+    wait_file(&out.join("k2"), &secret(2), Duration::from_secs(10)).await;
     wait_for("k removed", WAIT, || async { visible(&out) == ["k2"] }).await;
+
+    // Re-sealed again; this time the key file itself is replaced (renamed over).
+    api.with_key(third_key)
+        .create("prod", "k3", json!(secret(3)))
+        .await;
+    wait_key_mismatch(&agent).await;
+    api.with_key(second_key).delete("prod", "k2").await;
+    let replacement = secret_dir.join("user-key.new");
+    std::fs::write(&replacement, format!("{third_key}\n")).unwrap();
+    std::fs::rename(&replacement, &key_path).unwrap();
+    wait_file(&out.join("k3"), &secret(3), Duration::from_secs(10)).await;
 
     drop(agent);
     logs.push(&std::fs::read_to_string(&log).unwrap_or_default());
-    logs.assert_free_of(&[SECRET, USER_KEY, wrong_key, second_key]);
+    logs.assert_free_of(&[SECRET, USER_KEY, second_key, third_key]);
 }
 
 /// Whether user namespaces can be created here (they give each test agent its own inotify limits).
@@ -651,6 +660,12 @@ async fn without_inotify_the_agent_polls_drift_and_credentials() {
         )
         .await;
         agent.wait_ready().await;
+        // Drift repair still works: a deleted file comes back, from memory.
+        let syncs = agent.metric("osc_agent_syncs_total").await;
+        std::fs::remove_file(out.join("k")).unwrap();
+        wait_file(&out.join("k"), &secret(0), WAIT).await;
+        assert_eq!(agent.metric("osc_agent_syncs_total").await, syncs);
+
         wait_for("polling shown in /status", WAIT, || async {
             agent.status().await["watch"] == json!("polling")
         })
@@ -675,23 +690,12 @@ async fn without_inotify_the_agent_polls_drift_and_credentials() {
             Some(0.0)
         );
 
-        // Drift repair still works: a deleted file comes back, from memory.
-        let syncs = agent.metric("osc_agent_syncs_total").await;
-        std::fs::remove_file(out.join("k")).unwrap();
-        wait_file(&out.join("k"), &secret(0), WAIT).await;
-        assert_eq!(agent.metric("osc_agent_syncs_total").await, syncs);
-
         // Credential reload still works: a failing sync is retried as soon as the key file changes.
         let second_key = "second-user-key-0002";
         api.with_key(second_key)
             .create("prod", "k2", json!(secret(1)))
             .await;
-        wait_for("key mismatch reported", WAIT, || async {
-            agent.status().await["sync"]["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("does not match"))
-        })
-        .await;
+        wait_key_mismatch(&agent).await;
         api.delete("prod", "k").await;
         scratch.write("user-key.new", &format!("{second_key}\n"));
         std::fs::rename(scratch.path("user-key.new"), scratch.path("user-key")).unwrap();

@@ -170,9 +170,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             queue.submit(applied.report.config_hash.clone(), keys);
                         }
                     }
-                    telemetry.on_sync_ok(&applied.report, took);
-                    first_apply = false;
-                    digests = Some(applied.digests);
+                    // Watched before the sync shows in /status: a change made right after is seen.
                     if live.drift_repair {
                         if !outputs_watched {
                             outputs_watched = true;
@@ -183,6 +181,9 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             watcher.set_keys(&dir.path, dir.files.keys().cloned());
                         }
                     }
+                    telemetry.on_sync_ok(&applied.report, took);
+                    first_apply = false;
+                    digests = Some(applied.digests);
                     last = Some(applied.rendered);
                     retry_at = None;
                     failures.reset();

@@ -61,6 +61,8 @@ struct Targets {
     /// Output directory → the visible names (keys) last written there.
     output_dirs: BTreeMap<PathBuf, BTreeSet<OsString>>,
     output_files: BTreeSet<PathBuf>,
+    /// Polling: the fingerprints of the last round (new targets get theirs when they are added).
+    baseline: BTreeMap<PathBuf, Fingerprint>,
 }
 
 fn parent(p: &Path) -> PathBuf {
@@ -137,6 +139,36 @@ impl Targets {
         v.extend(self.output_dirs.keys().map(|d| (d.clone(), true)));
         v
     }
+
+    /// Polling: fingerprints for targets that have none yet, taken now (right after the write that
+    /// made them), so that a change before the next round is seen as one.
+    fn take_baseline(&mut self) {
+        for (path, identity_only) in self.polled() {
+            if !self.baseline.contains_key(&path) {
+                let f = fingerprint(&path, identity_only);
+                self.baseline.insert(path, f);
+            }
+        }
+    }
+
+    /// Polling: one round; the targets whose fingerprint changed since the last one.
+    fn round(&mut self) -> Vec<PathBuf> {
+        let current: BTreeMap<PathBuf, Fingerprint> = self
+            .polled()
+            .into_iter()
+            .map(|(p, identity_only)| {
+                let f = fingerprint(&p, identity_only);
+                (p, f)
+            })
+            .collect();
+        let changed = current
+            .iter()
+            .filter(|(p, f)| self.baseline.get(*p).is_some_and(|old| old != *f))
+            .map(|(p, _)| p.clone())
+            .collect();
+        self.baseline = current;
+        changed
+    }
 }
 
 /// What polling compares: the entry itself (`lstat`, link target) and what it leads to (`stat`).
@@ -178,8 +210,10 @@ fn fingerprint(path: &Path, identity_only: bool) -> Fingerprint {
 
 enum Backend {
     Inotify(RecommendedWatcher),
-    /// A message asks for a round now; dropping the sender stops the polling thread.
-    Polling(Sender<()>),
+    /// Dropping the sender stops the polling thread.
+    Polling {
+        _stop: Sender<()>,
+    },
     Off,
 }
 
@@ -245,9 +279,11 @@ impl Watch {
                 t.output_dirs.entry(absolute(d)).or_default();
             }
             t.output_files.extend(files.iter().map(|f| absolute(f)));
+            if matches!(self.backend, Backend::Polling { .. }) {
+                t.take_baseline();
+            }
         }
         self.refresh();
-        self.poll_now();
     }
 
     /// The keys just written into output directory `dir` (their links are watched).
@@ -256,29 +292,23 @@ impl Watch {
             && let Some(set) = t.output_dirs.get_mut(&absolute(dir))
         {
             *set = keys.into_iter().map(OsString::from).collect();
-        }
-        self.poll_now();
-    }
-
-    /// Polling: take the new targets' fingerprints now, right after the write that created them, so
-    /// that a change before the next round is not mistaken for their first state.
-    fn poll_now(&self) {
-        if let Backend::Polling(round) = &self.backend {
-            let _ = round.send(());
+            if matches!(self.backend, Backend::Polling { .. }) {
+                t.take_baseline();
+            }
         }
     }
 
     /// Bring the backend in line with the targets: inotify if possible, else polling.
     fn refresh(&mut self) {
+        if matches!(self.backend, Backend::Polling { .. }) {
+            return; // polling reads the targets on every round
+        }
         let targets = match self.targets.lock() {
             Ok(t) => t.clone(),
             Err(_) => return,
         };
         if targets.is_empty() {
             return;
-        }
-        if matches!(self.backend, Backend::Polling(_)) {
-            return; // polling reads the targets on every round
         }
         if matches!(self.backend, Backend::Off) {
             match self.new_inotify() {
@@ -338,15 +368,18 @@ impl Watch {
             POLL_INTERVAL.as_secs()
         );
         self.backend = Backend::Off; // drops the inotify instance, if any
-        let (round, rounds) = channel::<()>();
+        let (stop, stopped) = channel::<()>();
         let targets = self.targets.clone();
+        if let Ok(mut t) = targets.lock() {
+            t.take_baseline();
+        }
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
             .name("osc-watch-poll".into())
-            .spawn(move || poll(&targets, &tx, &rounds));
+            .spawn(move || poll(&targets, &tx, &stopped));
         match spawned {
             Ok(_) => {
-                self.backend = Backend::Polling(round);
+                self.backend = Backend::Polling { _stop: stop };
                 self.telemetry
                     .set_watch(Mode::Polling.as_str(), Some(reason.to_owned()));
             }
@@ -383,42 +416,24 @@ fn explain(e: &notify::Error) -> String {
     }
 }
 
-/// The polling thread: compare fingerprints every round (and on request) until the sender is dropped.
+/// The polling thread: a round every [`POLL_INTERVAL`] until the sender is dropped.
 fn poll(
     targets: &Mutex<Targets>,
     tx: &UnboundedSender<Trigger>,
-    rounds: &std::sync::mpsc::Receiver<()>,
+    stopped: &std::sync::mpsc::Receiver<()>,
 ) {
-    let snapshot = || -> BTreeMap<PathBuf, Fingerprint> {
-        let paths = targets.lock().map(|t| t.polled()).unwrap_or_default();
-        paths
-            .into_iter()
-            .map(|(p, identity_only)| {
-                let f = fingerprint(&p, identity_only);
-                (p, f)
-            })
-            .collect()
-    };
-    let mut previous = snapshot();
     loop {
-        match rounds.recv_timeout(POLL_INTERVAL) {
+        match stopped.recv_timeout(POLL_INTERVAL) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        let current = snapshot();
-        // Paths that just became targets are a baseline, not a change.
-        let changed: Vec<PathBuf> = current
-            .iter()
-            .filter(|(p, f)| previous.get(*p).is_some_and(|old| old != *f))
-            .map(|(p, _)| p.clone())
-            .collect();
+        let changed = targets.lock().map(|mut t| t.round()).unwrap_or_default();
         if !changed.is_empty() {
             send(targets, tx, &changed);
         }
         if tx.is_closed() {
             return;
         }
-        previous = current;
     }
 }
 
