@@ -3,10 +3,15 @@
 //!
 //! The server has no authentication (kubelet probes need plain HTTP): anyone who can reach the port
 //! can read `/status` and `/metrics` (no value, key or token is ever in them) and ask for reconciles,
-//! which [`OnDemand`] rate-limits.
+//! which [`OnDemand`] rate-limits. Connections are bounded too: at most [`MAX_CONNECTIONS`] at once
+//! (more are closed at once), each closed [`CONNECTION_LIFETIME`] after it was accepted, so idle or
+//! trickling clients cannot pile up file descriptors in the agent.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,6 +20,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::live::{OnDemand, Outcome};
@@ -27,6 +34,12 @@ struct AdminState {
     stale_after: Duration,
     stall: Duration,
 }
+
+/// Most admin connections open at once; further ones are closed as soon as accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// An admin connection is closed this long after it was accepted (probes and scrapes take
+/// milliseconds; a keep-alive client reconnects).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Bind now (so a taken port is a start-up error), serve until cancelled.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -54,11 +67,90 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/sync", post(sync))
         .with_state(state);
+    let listener = Bounded {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
     if let Err(e) = result {
         tracing::warn!("admin server stopped: {e}");
+    }
+}
+
+/// A listener handing out at most [`MAX_CONNECTIONS`] connections at once.
+struct Bounded {
+    inner: tokio::net::TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let conn = Conn {
+                        stream,
+                        _slot: slot,
+                        end: Box::pin(tokio::time::sleep(CONNECTION_LIFETIME)),
+                    };
+                    return (conn, addr);
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "admin server: {MAX_CONNECTIONS} connections open, closing a new one"
+                    );
+                    drop(stream);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// One admin connection: holds its slot, and reads fail once its lifetime is over (hyper then closes it).
+struct Conn {
+    stream: tokio::net::TcpStream,
+    _slot: OwnedSemaphorePermit,
+    end: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.end.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

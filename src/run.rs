@@ -110,26 +110,38 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
     };
     let exit = once_inner(agent, runner, settings, &cancel).await;
     signals.abort();
-    match (exit, stopped.get()) {
-        (None, Some(code)) => {
+    let code = stopped.get().copied().unwrap_or(Exit::Internal);
+    match exit {
+        Once::Done(exit) => exit,
+        Once::Stopped => {
             warn!("stopped by a signal before finishing: files left as they were before this run");
-            *code
+            code
         }
-        (None, None) => Exit::Internal,
-        (Some(exit), _) => exit,
+        Once::StoppedBeforeActions => {
+            warn!("stopped by a signal: files synced, but the actions were not run");
+            code
+        }
     }
 }
 
-/// `None` when stopped by a signal before finishing.
+/// How `--once` ended.
+enum Once {
+    Done(Exit),
+    /// A signal arrived before the files were written (a write in progress was abandoned).
+    Stopped,
+    /// A signal arrived after the files were written, before or during the actions.
+    StoppedBeforeActions,
+}
+
 async fn once_inner(
     agent: &Agent,
     runner: Option<&Runner>,
     settings: &Settings,
     cancel: &CancellationToken,
-) -> Option<Exit> {
+) -> Once {
     let existed = crate::sink::existing_outputs(&settings.outputs).is_some();
     let fetched = tokio::select! {
-        _ = cancel.cancelled() => return None,
+        _ = cancel.cancelled() => return Once::Stopped,
         r = agent.fetch() => r,
     };
     let e = match fetched {
@@ -148,19 +160,19 @@ async fn once_inner(
                         changed_keys: changed_keys(None, &applied.digests),
                     };
                     let ok = tokio::select! {
-                        _ = cancel.cancelled() => return None,
+                        _ = cancel.cancelled() => return Once::StoppedBeforeActions,
                         ok = runner.execute(&ctx) => ok,
                     };
                     if !ok {
                         eprintln!(
                             "osc-agent: error: files synced, but an action failed (see the log)"
                         );
-                        return Some(Exit::Partial);
+                        return Once::Done(Exit::Partial);
                     }
                 }
-                return Some(Exit::Ok);
+                return Once::Done(Exit::Ok);
             }
-            Err(_) if cancel.is_cancelled() => return None,
+            Err(_) if cancel.is_cancelled() => return Once::Stopped,
             Err(e) => e,
         },
         Err(e) => e,
@@ -170,24 +182,24 @@ async fn once_inner(
     // from the backup). Auth and key errors never fall back.
     if agent.has_fallback() && Exit::of(&e) == Exit::Unreachable {
         let degraded = tokio::select! {
-            _ = cancel.cancelled() => return None,
+            _ = cancel.cancelled() => return Once::Stopped,
             d = agent.degraded_start() => d,
         };
         match degraded {
             Some(Ok(stale)) => {
                 warn!("server unreachable: serving {stale}");
-                return Some(Exit::Ok);
+                return Once::Done(Exit::Ok);
             }
-            Some(Err(_)) if cancel.is_cancelled() => return None,
+            Some(Err(_)) if cancel.is_cancelled() => return Once::Stopped,
             Some(Err(fallback)) => {
                 eprintln!("osc-agent: error: {e}; fallback failed: {fallback}");
-                return Some(Exit::of(&fallback));
+                return Once::Done(Exit::of(&fallback));
             }
             None => {}
         }
     }
     eprintln!("osc-agent: error: {e}");
-    Some(Exit::of(&e))
+    Once::Done(Exit::of(&e))
 }
 
 /// SIGTERM/SIGINT during `--once`: remember which, abandon writes, cancel.

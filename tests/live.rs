@@ -779,6 +779,21 @@ async fn an_empty_environment_never_empties_the_outputs() {
     assert!(!fresh.exists(), "nothing written");
     drop(agent);
 
+    // A restart on that environment over an earlier run's files: kept, served as last-known-good.
+    let kept = tree(&out);
+    let mut args = live_args(&server.url, &scratch, &out, &[]);
+    set_arg(&mut args, "--environment", "prodution");
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    wait_for("the refusal reported", WAIT, || async {
+        agent.status().await["stale"]
+            .as_str()
+            .is_some_and(|s| s.contains("last-known-good"))
+    })
+    .await;
+    assert_eq!(tree(&out), kept);
+    drop(agent);
+
     // --allow-empty: an empty environment is synced like any other.
     let allowed = scratch.path("allowed");
     let mut args = live_args(&server.url, &scratch, &allowed, &["--allow-empty"]);
@@ -826,5 +841,36 @@ async fn sigterm_during_a_big_live_write_abandons_it_and_exits() {
         before,
         "the partial generation is gone and the earlier files are untouched"
     );
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+#[tokio::test]
+async fn idle_admin_connections_are_bounded_and_closed() {
+    use tokio::io::AsyncReadExt;
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    server.api().create("prod", "k", json!(secret(0))).await;
+    let scratch = Scratch::new();
+    let agent = started(&logs, &server, &scratch, &[]).await;
+    // More idle connections than the agent keeps (64), none sending a byte.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(
+            tokio::net::TcpStream::connect(&agent.admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Each is closed by the agent: the extra ones at once, the others after their lifetime (10 s).
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        for mut conn in idle {
+            let mut buf = [0u8; 16];
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            assert_eq!(n, 0, "the agent sent bytes to an idle connection");
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle admin connections were kept open");
+    assert_eq!(agent.get("/healthz").await.0, 200);
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }

@@ -203,6 +203,16 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             first_apply = false;
                         }
                     }
+                    if matches!(e, SyncError::Empty(_))
+                        && !telemetry.ready()
+                        && let Some(generation) = crate::sink::existing_outputs(&settings.outputs)
+                    {
+                        // Refused to empty an earlier run's files: they are what the app should read.
+                        let stale = crate::sync::Stale::LastKnownGood { generation };
+                        warn!("serving {stale}: the environment has no entry");
+                        telemetry.set_stale(stale.to_string());
+                        first_apply = false;
+                    }
                     let delay = retry_delay(&mut failures);
                     retry_at = Some(Instant::now() + delay);
                     info!(
