@@ -144,10 +144,9 @@ impl Targets {
     /// made them), so that a change before the next round is seen as one.
     fn take_baseline(&mut self) {
         for (path, identity_only) in self.polled() {
-            if !self.baseline.contains_key(&path) {
-                let f = fingerprint(&path, identity_only);
-                self.baseline.insert(path, f);
-            }
+            self.baseline
+                .entry(path)
+                .or_insert_with_key(|p| fingerprint(p, identity_only));
         }
     }
 
