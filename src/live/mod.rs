@@ -286,9 +286,13 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         if let Some(reason) = on_demand.due(now) {
             sync_now = Some(reason);
         } else if let Some(at) = retry_at {
-            // Failing: hints and resyncs wait for the retry, which reads everything anyway.
+            // Failing: hints and resyncs wait for the retry, which reads everything anyway (and
+            // nothing due stays in the wake-up list, or the loop would spin until then).
+            changes.clear();
             if at <= now {
                 sync_now = Some("retry");
+            } else if next_resync <= now {
+                next_resync = at;
             }
         } else if changes.take_due(now) {
             sync_now = Some("change events");
