@@ -217,7 +217,7 @@ async fn status(State(s): State<AdminState>) -> Response {
 
 /// 202 with when the reconcile will run: `{"status": "sync scheduled", "result": "now" | "delayed" |
 /// "coalesced", "runs_in_ms": N}` (`delayed`/`coalesced`: within `--sync-min-interval` of the previous
-/// reconcile). Never refused while the loop runs: requests are merged, not queued.
+/// on-demand reconcile). Never refused while the loop runs: requests are merged, not queued.
 async fn sync(State(s): State<AdminState>) -> Response {
     match s.on_demand.request("POST /sync") {
         Some(scheduled) => {

@@ -112,6 +112,8 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
 
     let mut changes = Debounce::new(live.wait_min, live.wait_max);
     let mut sync_now = Some("start");
+    // The reconcile about to run was asked for (POST /sync, SIGHUP).
+    let mut on_demand_sync = false;
     let mut next_resync = Instant::now() + jittered(live.resync_interval);
     let mut retry_at: Option<Instant> = None;
     let mut failures = Backoff::new(server.retry.initial_delay, live.reconnect_max_delay, 2.0);
@@ -134,10 +136,10 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
     loop {
         telemetry.heartbeat();
         if let Some(reason) = sync_now.take() {
-            // Whatever triggered it, this reconcile covers the hints and requests made until now.
             let started = Instant::now();
-            on_demand.started(started);
-            changes.clear();
+            if std::mem::take(&mut on_demand_sync) {
+                on_demand.started(started);
+            }
             // Fetching is cancellable (nothing on disk changes); a write abandons its new generation
             // between two files once shutdown starts, and returns.
             let fetched = tokio::select! {
@@ -285,6 +287,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         let now = Instant::now();
         if let Some(reason) = on_demand.due(now) {
             sync_now = Some(reason);
+            on_demand_sync = true;
         } else if let Some(at) = retry_at {
             // Failing: hints and resyncs wait for the retry, which reads everything anyway (and
             // nothing due stays in the wake-up list, or the loop would spin until then).

@@ -1,10 +1,9 @@
 //! On-demand reconciles (`POST /sync`, SIGHUP), rate-limited.
 //!
 //! The admin port is unauthenticated and every reconcile costs the server a full list call (~80 ms of
-//! key derivation upstream), so a request never starts a reconcile sooner than `--sync-min-interval`
-//! after the previous one (whatever triggered that one). A request meanwhile is scheduled for the first
-//! allowed moment, and any further request until then is coalesced into it. Any reconcile starting after
-//! a request satisfies it (it reads the server's state as of a later time). Each request is counted in
+//! key derivation upstream), so on-demand reconciles start at most once per `--sync-min-interval`: a
+//! request within that time of the previous on-demand reconcile is scheduled for the first allowed
+//! moment, and any further request until then is coalesced into it. Each request is counted in
 //! `osc_agent_sync_requests_total{result}`: `now`, `delayed` or `coalesced`.
 
 use std::sync::{Arc, Mutex};
@@ -46,7 +45,8 @@ pub struct Scheduled {
 
 #[derive(Debug, Default)]
 struct State {
-    last_reconcile: Option<Instant>,
+    /// Start of the last on-demand reconcile.
+    last_run: Option<Instant>,
     pending: Option<(Instant, &'static str)>,
     closed: bool,
 }
@@ -60,7 +60,7 @@ pub struct OnDemand {
 }
 
 impl OnDemand {
-    /// At most one on-demand reconcile per `min_interval` (counted from the start of any reconcile).
+    /// At most one on-demand reconcile per `min_interval` (counted from start to start).
     pub fn new(min_interval: Duration, telemetry: Arc<Telemetry>) -> OnDemand {
         OnDemand {
             min_interval,
@@ -95,9 +95,7 @@ impl OnDemand {
                     at,
                 });
             }
-            let allowed = s
-                .last_reconcile
-                .map_or(now, |t| (t + min_interval).max(now));
+            let allowed = s.last_run.map_or(now, |t| (t + min_interval).max(now));
             s.pending = Some((allowed, reason));
             Some(Scheduled {
                 outcome: if allowed <= now {
@@ -110,10 +108,10 @@ impl OnDemand {
         })
     }
 
-    /// A reconcile (of any kind) starts now: it satisfies every request made before.
+    /// The reconcile asked for starts now: it serves every request made before.
     pub(super) fn started(&self, now: Instant) {
         self.with(|s| {
-            s.last_reconcile = Some(now);
+            s.last_run = Some(now);
             s.pending = None;
         });
     }
@@ -167,17 +165,16 @@ mod tests {
         assert_eq!(d.due(t0 + ms(4999)), None);
         assert_eq!(d.due(t0 + ms(5000)), Some("b"));
 
-        // Any reconcile starting later serves the pending request.
-        d.started(t0 + ms(3000));
+        d.started(t0 + ms(5000));
         assert_eq!(d.due_at(), None);
         let fourth = d.request_at(t0 + ms(6000), "d").unwrap();
         assert_eq!(
             (fourth.outcome, fourth.at),
-            (Outcome::Delayed, t0 + ms(8000))
+            (Outcome::Delayed, t0 + ms(10_000))
         );
-        d.started(t0 + ms(8000));
-        let fifth = d.request_at(t0 + ms(13_000), "e").unwrap();
-        assert_eq!((fifth.outcome, fifth.at), (Outcome::Now, t0 + ms(13_000)));
+        d.started(t0 + ms(10_000));
+        let fifth = d.request_at(t0 + ms(16_000), "e").unwrap();
+        assert_eq!((fifth.outcome, fifth.at), (Outcome::Now, t0 + ms(16_000)));
 
         d.close();
         assert_eq!(d.request_at(t0 + ms(20_000), "e"), None);
