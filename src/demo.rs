@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
 use crate::config::{AgentArgs, OutputSpec, Settings, TemplateSpec};
 use crate::devserver::{self, DevServerArgs};
 use crate::exit::Exit;
-use crate::live::{self, LiveContext};
+use crate::live::{self, LiveContext, OnDemand};
 use crate::sync::Agent;
 use crate::telemetry::Telemetry;
 
@@ -131,15 +130,15 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
 
     // Live: watch the stream, change one value through the server, see it land.
     let cancel = CancellationToken::new();
-    let (triggers_tx, triggers) = mpsc::unbounded_channel();
     let loop_task = {
         let (agent, settings, cancel) = (agent.clone(), settings.clone(), cancel.clone());
         tokio::spawn(async move {
+            let telemetry = Arc::new(Telemetry::new(ENVIRONMENT, true));
+            let on_demand = OnDemand::new(settings.live.sync_min_interval, telemetry.clone());
             let ctx = LiveContext {
-                telemetry: Arc::new(Telemetry::new(ENVIRONMENT, true)),
+                telemetry,
                 actions: None,
-                triggers_tx,
-                triggers,
+                on_demand: Arc::new(on_demand),
                 cancel,
             };
             live::run(agent, &settings, ctx).await;

@@ -22,6 +22,10 @@ pub enum Exit {
     Backup = 6,
     /// The environment has no entry (after filters) and `--allow-empty` is not set: nothing written.
     Empty = 7,
+    /// `--once` stopped by SIGINT before it finished (128 + 2): files as they were before the run.
+    Interrupted = 130,
+    /// `--once` stopped by SIGTERM before it finished (128 + 15): files as they were before the run.
+    Terminated = 143,
 }
 
 impl Exit {
@@ -35,6 +39,7 @@ impl Exit {
             SyncError::Render(_) | SyncError::Write { .. } => Exit::Partial,
             SyncError::Backup(_) => Exit::Backup,
             SyncError::Internal(_) => Exit::Internal,
+            SyncError::Empty(_) => Exit::Empty,
         }
     }
 

@@ -18,9 +18,15 @@ pub fn init(format: LogFormat) {
 
 /// Like [`init`], with another default level (the demo keeps its terminal for its own output).
 pub fn init_with_default(format: LogFormat, default: &str) {
+    // notify logs every inotify event at trace level: with the log file in a watched directory, each
+    // line would cause the next. It stays at warn unless named explicitly.
     let filter = std::env::var("OSC_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
+        .map(|f| match f.contains("notify") {
+            true => f,
+            false => format!("{f},notify=warn"),
+        })
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(format!("{default},notify=warn")));
     let builder = tracing_subscriber::fmt()

@@ -1,11 +1,15 @@
 //! Running the agent: `--once` reconciles and exits; otherwise the live loop keeps the outputs in sync,
 //! with the admin server and the action runner beside it, until SIGTERM or SIGINT.
+//!
+//! Both modes handle SIGTERM and SIGINT the same way: stop fetching, abandon a new generation being
+//! written between two of its files (the partial generation is removed, the current one untouched),
+//! and exit within a bounded time: live mode with 0, `--once` with 143 (SIGTERM) or 130 (SIGINT) when it
+//! had not finished.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -13,7 +17,7 @@ use crate::action::ActionContext;
 use crate::action::runner::Runner;
 use crate::config::{AgentArgs, ConfigError, Settings, setting};
 use crate::exit::Exit;
-use crate::live::{self, LiveContext, Trigger};
+use crate::live::{self, LiveContext, OnDemand, Outcome};
 use crate::sink::kube::ObjectSink;
 use crate::sync::{Agent, SyncError, SyncReport};
 use crate::telemetry::Telemetry;
@@ -99,9 +103,57 @@ pub async fn run(settings: Settings) -> Exit {
     live_mode(agent, runner, settings, telemetry).await
 }
 
+/// Which stop signal arrived (`--once`): its exit code.
+type Stopped = Arc<OnceLock<Exit>>;
+
 async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Exit {
+    let cancel = CancellationToken::new();
+    let stopped: Stopped = Arc::default();
+    let signals = match spawn_stop_handler(cancel.clone(), stopped.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return Exit::Internal;
+        }
+    };
+    let exit = once_inner(agent, runner, settings, &cancel).await;
+    signals.abort();
+    let code = stopped.get().copied().unwrap_or(Exit::Internal);
+    match exit {
+        Once::Done(exit) => exit,
+        Once::Stopped => {
+            warn!("stopped by a signal before finishing: files left as they were before this run");
+            code
+        }
+        Once::StoppedBeforeActions => {
+            warn!("stopped by a signal: files synced, but the actions were not run");
+            code
+        }
+    }
+}
+
+/// How `--once` ended.
+enum Once {
+    Done(Exit),
+    /// A signal arrived before the files were written (a write in progress was abandoned).
+    Stopped,
+    /// A signal arrived after the files were written, before or during the actions.
+    StoppedBeforeActions,
+}
+
+async fn once_inner(
+    agent: &Agent,
+    runner: Option<&Runner>,
+    settings: &Settings,
+    cancel: &CancellationToken,
+) -> Once {
     let existed = crate::sink::existing_outputs(&settings.outputs).is_some();
-    let e = match agent.fetch().await {
+    let fetched = tokio::select! {
+        _ = cancel.cancelled() => return Once::Stopped,
+        r = agent.fetch() => r,
+    };
+    let e = match fetched {
+        // A write in progress when a signal arrives abandons its new generation and fails.
         Ok(snapshot) => match agent.apply(snapshot).await {
             Ok(applied) => {
                 log_report(&applied.report);
@@ -115,15 +167,20 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
                         hash: applied.report.config_hash.clone(),
                         changed_keys: applied.changed_keys(None),
                     };
-                    if !runner.execute(&ctx).await {
+                    let ok = tokio::select! {
+                        _ = cancel.cancelled() => return Once::StoppedBeforeActions,
+                        ok = runner.execute(&ctx) => ok,
+                    };
+                    if !ok {
                         eprintln!(
                             "osc-agent: error: files synced, but an action failed (see the log)"
                         );
-                        return Exit::Partial;
+                        return Once::Done(Exit::Partial);
                     }
                 }
-                return Exit::Ok;
+                return Once::Done(Exit::Ok);
             }
+            Err(_) if cancel.is_cancelled() => return Once::Stopped,
             Err(e) => e,
         },
         Err(e) => e,
@@ -132,21 +189,48 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
     // With --fallback-backup, an unreachable server still lets the app start (from earlier files or
     // from the backup). Auth and key errors never fall back.
     if agent.has_fallback() && Exit::of(&e) == Exit::Unreachable {
-        match agent.degraded_start().await {
+        let degraded = tokio::select! {
+            _ = cancel.cancelled() => return Once::Stopped,
+            d = agent.degraded_start() => d,
+        };
+        match degraded {
             Some(Ok(stale)) => {
                 warn!("server unreachable: serving {stale}");
-                return Exit::Ok;
+                return Once::Done(Exit::Ok);
             }
+            Some(Err(_)) if cancel.is_cancelled() => return Once::Stopped,
             Some(Err(fallback)) => {
                 let both = format!("{e}; fallback failed: {fallback}");
                 eprintln!("{}", crate::logging::error_line("osc-agent", &both));
-                return Exit::of(&fallback);
+                return Once::Done(Exit::of(&fallback));
             }
             None => {}
         }
     }
     eprintln!("{}", crate::logging::error_line("osc-agent", &e));
-    Exit::of(&e)
+    Once::Done(Exit::of(&e))
+}
+
+/// SIGTERM/SIGINT during `--once`: remember which, abandon writes, cancel.
+fn spawn_stop_handler(
+    cancel: CancellationToken,
+    stopped: Stopped,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // Started with them blocked (a supervisor's mask), the handlers above would never run.
+    use nix::sys::signal::Signal::{SIGINT, SIGTERM};
+    crate::action::signals::unblock(&[SIGINT, SIGTERM]).map_err(std::io::Error::from)?;
+    Ok(tokio::spawn(async move {
+        let (name, code) = tokio::select! {
+            _ = term.recv() => ("SIGTERM", Exit::Terminated),
+            _ = int.recv() => ("SIGINT", Exit::Interrupted),
+        };
+        info!("{name}: stopping (a write in progress is abandoned, files stay as they were)");
+        let _ = stopped.set(code);
+        crate::sink::abort_writes();
+        cancel.cancel();
+    }))
 }
 
 async fn live_mode(
@@ -156,7 +240,10 @@ async fn live_mode(
     telemetry: Arc<Telemetry>,
 ) -> Exit {
     let cancel = CancellationToken::new();
-    let (triggers_tx, triggers) = mpsc::unbounded_channel();
+    let on_demand = Arc::new(OnDemand::new(
+        settings.live.sync_min_interval,
+        telemetry.clone(),
+    ));
 
     let admin = match settings.live.admin_addr {
         None => None,
@@ -174,7 +261,7 @@ async fn live_mode(
                 Some(tokio::spawn(crate::admin::serve(
                     listener,
                     telemetry.clone(),
-                    triggers_tx.clone(),
+                    on_demand.clone(),
                     settings.live.stale_after,
                     stall,
                     cancel.clone(),
@@ -190,7 +277,7 @@ async fn live_mode(
         },
     };
 
-    let signals = match spawn_signal_handlers(cancel.clone(), triggers_tx.clone()) {
+    let signals = match spawn_signal_handlers(cancel.clone(), on_demand.clone()) {
         Ok(h) => h,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -211,8 +298,7 @@ async fn live_mode(
         LiveContext {
             telemetry,
             actions,
-            triggers_tx,
-            triggers,
+            on_demand,
             cancel: cancel.clone(),
         },
     )
@@ -220,19 +306,25 @@ async fn live_mode(
 
     cancel.cancel();
     signals.abort();
-    if let Some(task) = runner_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
-    if let Some(admin) = admin {
-        let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
-    }
+    // The runner (an action in progress) and the admin server (open connections) get 2 s together.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Some(task) = runner_task {
+            let _ = task.await;
+        }
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+    })
+    .await;
     info!("stopped");
     Exit::Ok
 }
 
+/// Live mode: SIGTERM/SIGINT stop (abandoning a new generation being written), SIGHUP asks for a
+/// reconcile (rate-limited like `POST /sync`).
 fn spawn_signal_handlers(
     cancel: CancellationToken,
-    triggers: mpsc::UnboundedSender<Trigger>,
+    on_demand: Arc<OnDemand>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -242,14 +334,29 @@ fn spawn_signal_handlers(
     crate::action::signals::unblock(&[SIGHUP, SIGINT, SIGTERM]).map_err(std::io::Error::from)?;
     Ok(tokio::spawn(async move {
         loop {
-            tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: finishing the current write and stopping"); cancel.cancel(); }
-                _ = int.recv() => { info!("SIGINT: finishing the current write and stopping"); cancel.cancel(); }
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
                 _ = hup.recv() => {
-                    info!("SIGHUP: reconciling now");
-                    if triggers.send(Trigger::Sync("SIGHUP")).is_err() { return; }
+                    match on_demand.request("SIGHUP") {
+                        Some(s) => {
+                            let in_ms = s.at.saturating_duration_since(std::time::Instant::now()).as_millis() as u64;
+                            match s.outcome {
+                                Outcome::Now => info!("SIGHUP: reconciling now"),
+                                Outcome::Delayed => info!(in_ms, "SIGHUP: reconcile scheduled (--sync-min-interval)"),
+                                Outcome::Coalesced => info!(in_ms, "SIGHUP: a reconcile is already scheduled"),
+                            }
+                        }
+                        None => return,
+                    }
+                    continue;
                 }
-            }
+            };
+            info!(
+                "{name}: stopping (a new generation being written is abandoned, the current one stays)"
+            );
+            crate::sink::abort_writes();
+            cancel.cancel();
         }
     }))
 }

@@ -52,6 +52,10 @@ pub enum SyncError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    /// No entry selected and `--allow-empty` not set: nothing written (a mistyped `--environment`
+    /// must not empty the outputs). The message names the environment and the filters.
+    #[error("{0}")]
+    Empty(String),
 }
 
 fn first(errors: &[SinkError]) -> String {
@@ -145,6 +149,9 @@ pub struct Agent {
     outputs: Outputs,
     objects: Option<Arc<ObjectSink>>,
     hasher: ContentHasher,
+    allow_empty: bool,
+    /// The filters as flags (` --include 'a*'`), for the empty-environment error.
+    filters: String,
 }
 
 impl Agent {
@@ -169,6 +176,8 @@ impl Agent {
             environment: settings.environment.clone(),
             outputs: settings.outputs.clone(),
             objects: None,
+            allow_empty: settings.allow_empty,
+            filters: describe_filters(&settings.selection),
         })
     }
 
@@ -213,7 +222,11 @@ impl Agent {
         match &self.origin {
             Origin::Server { client, .. } => {
                 let entries = client.list(&self.environment).await?;
-                Ok(self.filter.apply(&self.environment, entries))
+                let listed = entries.len();
+                let snapshot = self.filter.apply(&self.environment, entries);
+                self.refuse_empty(&snapshot, Some(listed))
+                    .map_err(SyncError::Empty)?;
+                Ok(snapshot)
             }
             Origin::Backup(file) => Ok(self.read_backup(file).await?.0),
         }
@@ -253,6 +266,8 @@ impl Agent {
 
     /// Render and write a snapshot. Runs to completion once started (do not cancel mid-write).
     pub async fn apply(&self, snapshot: Snapshot) -> Result<Applied, SyncError> {
+        self.refuse_empty(&snapshot, None)
+            .map_err(SyncError::Empty)?;
         let keys = snapshot.entries.len();
         let digests: BTreeMap<String, String> = snapshot
             .entries
@@ -320,6 +335,27 @@ impl Agent {
         }
     }
 
+    /// The message of [`SyncError::Empty`] when nothing is selected and `--allow-empty` is not set; `listed`: the
+    /// number of entries the server listed before the filters, when known.
+    fn refuse_empty(&self, snapshot: &Snapshot, listed: Option<usize>) -> Result<(), String> {
+        if self.allow_empty || !snapshot.entries.is_empty() {
+            return Ok(());
+        }
+        let env = format!("environment '{}'", crate::util::Escaped(&self.environment));
+        let f = &self.filters;
+        let what = match listed {
+            Some(0) => format!("the server listed no entry for {env}"),
+            Some(n) => format!("none of the {n} entries of {env} passes the filters{f}"),
+            None if f.is_empty() => format!("{env} has no entries"),
+            None => format!("no entry of {env} passes the filters{f}"),
+        };
+        Err(format!(
+            "{what}: nothing written. Check {}{}, or pass --allow-empty to accept an empty environment",
+            crate::config::setting("environment"),
+            if f.is_empty() { "" } else { " and the filters" },
+        ))
+    }
+
     /// Write (or re-write after drift) what was rendered; a no-op when the disk already matches.
     pub async fn write(&self, rendered: Arc<Rendered>) -> Result<WriteReport, SyncError> {
         let options = self.outputs.file;
@@ -333,6 +369,25 @@ impl Agent {
         let snapshot = self.fetch().await?;
         self.apply(snapshot).await.map(|a| a.report)
     }
+}
+
+/// ` --include 'a*' --exclude 'b' --category 'c'` (empty without filters), escaped for messages.
+fn describe_filters(sel: &crate::config::Selection) -> String {
+    [
+        ("--include", &sel.include),
+        ("--exclude", &sel.exclude),
+        ("--category", &sel.categories),
+    ]
+    .iter()
+    .filter(|(_, v)| !v.is_empty())
+    .map(|(flag, v)| {
+        let list: Vec<String> = v
+            .iter()
+            .map(|g| format!("'{}'", crate::util::Escaped(g)))
+            .collect();
+        format!(" {flag} {}", list.join(","))
+    })
+    .collect()
 }
 
 /// The hashing key: derived from the user key (or the backup password with `--from-backup`), so that

@@ -29,6 +29,14 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+/// File-watching modes, as shown in `/status.watch` and `osc_agent_watch_mode{mode}`.
+pub const WATCH_MODES: [&str; 3] = ["inotify", "polling", "off"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabel {
     action: &'static str,
     result: &'static str,
@@ -50,6 +58,8 @@ struct Metrics {
     stale: Gauge,
     actions: Family<ActionLabel, Counter>,
     breaker: Gauge,
+    sync_requests: Family<ResultLabel, Counter>,
+    watch_mode: Family<ModeLabel, Gauge>,
 }
 
 impl Metrics {
@@ -70,6 +80,8 @@ impl Metrics {
             stale: Gauge::default(),
             actions: Family::default(),
             breaker: Gauge::default(),
+            sync_requests: Family::default(),
+            watch_mode: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -142,6 +154,22 @@ impl Metrics {
             "1 once the restart-loop breaker stopped all actions",
             m.breaker.clone(),
         );
+        registry.register(
+            "osc_agent_sync_requests",
+            "On-demand reconcile requests (POST /sync, SIGHUP), by result: now, delayed (rate-limited by \
+             --sync-min-interval) or coalesced (merged into one already scheduled)",
+            m.sync_requests.clone(),
+        );
+        registry.register(
+            "osc_agent_watch_mode",
+            "1 for the current file-watching mode (inotify, polling, off), 0 for the others",
+            m.watch_mode.clone(),
+        );
+        for mode in WATCH_MODES {
+            m.watch_mode
+                .get_or_create(&ModeLabel { mode })
+                .set(i64::from(mode == "off"));
+        }
         Metrics { registry, ..m }
     }
 }
@@ -175,6 +203,7 @@ struct Status {
     action_runs: u64,
     action_pending: bool,
     breaker: Option<String>,
+    watch: Option<(&'static str, Option<String>)>,
 }
 
 /// Shared by the stream, the loop and the admin server.
@@ -355,6 +384,25 @@ impl Telemetry {
         self.with(|s| s.breaker = Some(reason.to_owned()));
     }
 
+    /// One on-demand reconcile request (`result`: now, delayed, coalesced).
+    pub fn on_sync_request(&self, result: &'static str) {
+        self.metrics
+            .sync_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// The file-watching mode (one of [`WATCH_MODES`]) and why, when not the normal one.
+    pub fn set_watch(&self, mode: &'static str, detail: Option<String>) {
+        for m in WATCH_MODES {
+            self.metrics
+                .watch_mode
+                .get_or_create(&ModeLabel { mode: m })
+                .set(i64::from(m == mode));
+        }
+        self.with(|s| s.watch = Some((mode, detail)));
+    }
+
     /// Ready after a successful sync, or while serving stale files if `--ready-when-stale`.
     pub fn ready(&self) -> bool {
         self.with(|s| s.ready || (self.ready_when_stale && s.stale.is_some()))
@@ -364,7 +412,10 @@ impl Telemetry {
     pub fn not_ready_reason(&self) -> String {
         self.with(|s| match &s.stale {
             Some(stale) => format!("serving {stale} and --ready-when-stale is false"),
-            None => "no successful sync yet".to_owned(),
+            None => match &s.last_error {
+                Some(e) => format!("no successful sync yet: {e}"),
+                None => "no successful sync yet".to_owned(),
+            },
         })
     }
 
@@ -433,6 +484,8 @@ impl Telemetry {
                 "stale": s.stale,
                 "uptime_seconds": self.started.0.elapsed().as_secs_f64(),
                 "started_at": rfc3339(Some(self.started.1)),
+                "watch": s.watch.as_ref().map_or("off", |(m, _)| *m),
+                "watch_detail": s.watch.as_ref().and_then(|(_, d)| d.clone()),
                 "stream": {
                     "connected": s.connected,
                     "subscription_id": s.subscription_id,

@@ -570,3 +570,163 @@ async fn config_file_env_vars_and_flags_combine() {
     assert_eq!(visible(&out), vec!["db.url"]);
     logs.assert_free_of(&[USER_KEY]);
 }
+
+#[tokio::test]
+async fn an_environment_with_no_selected_entry_exits_7_and_keeps_earlier_files() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    seed(&server.api()).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let out_s = out.display().to_string();
+    let env_file = scratch.path("app.env");
+    let dotenv = format!("{}:dotenv", env_file.display());
+    let r = run(
+        &logs,
+        &once_args(&server, &scratch, &out_s, &["--output", &dotenv]),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let before = tree(scratch.dir.path());
+
+    // A mistyped environment: exit 7, naming the flag; nothing touched.
+    let mut args = once_args(&server, &scratch, &out_s, &["--output", &dotenv]);
+    set_arg(&mut args, "--environment", "prodution");
+    let r = run(&logs, &args).await;
+    assert_eq!(r.code, 7, "{r:?}");
+    for needle in [
+        "no entry for environment 'prodution'",
+        "--environment",
+        "--allow-empty",
+    ] {
+        assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+    }
+    assert_eq!(tree(scratch.dir.path()), before, "earlier files untouched");
+
+    // Filters selecting nothing: exit 7, naming the filters.
+    let r = run(
+        &logs,
+        &once_args(
+            &server,
+            &scratch,
+            &out_s,
+            &[
+                "--output",
+                &dotenv,
+                "--include",
+                "nomatch*",
+                "--category",
+                "none",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(r.code, 7, "{r:?}");
+    for needle in [
+        "none of the 3 entries of environment 'prod'",
+        "--include 'nomatch*'",
+        "--category 'none'",
+    ] {
+        assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+    }
+    assert_eq!(tree(scratch.dir.path()), before, "earlier files untouched");
+
+    // A first run: nothing created at all.
+    let fresh = scratch.path("fresh");
+    let fresh_env = format!("{}:dotenv", scratch.path("fresh.env").display());
+    let mut args = once_args(
+        &server,
+        &scratch,
+        fresh.to_str().unwrap(),
+        &["--output", &fresh_env],
+    );
+    set_arg(&mut args, "--environment", "prodution");
+    let r = run(&logs, &args).await;
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(!fresh.exists() && !scratch.path("fresh.env").exists());
+
+    // --allow-empty: empty outputs, exit 0.
+    args.push("--allow-empty".into());
+    let r = run(&logs, &args).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(visible(&fresh).is_empty());
+    assert_eq!(std::fs::read(scratch.path("fresh.env")).unwrap(), b"");
+    logs.assert_free_of(&[DB_PASSWORD, API_TOKEN, USER_KEY]);
+}
+
+#[tokio::test]
+async fn sigterm_or_sigint_during_a_big_once_write_abandons_it_cleanly() {
+    use nix::sys::signal::Signal;
+    let logs = Logs::default();
+    let scratch = Scratch::new();
+    // 4000 keys of about 1 KiB: a generation of 4000 fsynced files takes a while to write.
+    let env: serde_json::Map<String, serde_json::Value> = (0..4000)
+        .map(|i| {
+            (
+                format!("k{i:04}"),
+                json!(format!("{DB_PASSWORD}-{i}-{}", "x".repeat(1000))),
+            )
+        })
+        .collect();
+    let seed = scratch.write("seed.json", &json!({ "prod": env }).to_string());
+    let server = DevServer::start(
+        &logs,
+        &[
+            "--seed",
+            seed.to_str().unwrap(),
+            "--seed-user-key-file",
+            &scratch.key_file(),
+        ],
+    )
+    .await;
+    let out = scratch.path("out");
+    let out_s = out.display().to_string();
+    // An earlier run's files (10 keys).
+    let r = run(
+        &logs,
+        &once_args(&server, &scratch, &out_s, &["--include", "k000*"]),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let before = tree(&out);
+
+    for (signal, code) in [(Signal::SIGTERM, 143), (Signal::SIGINT, 130)] {
+        let args = once_args(&server, &scratch, &out_s, &[]);
+        let mut child = tokio::process::Command::new(BIN)
+            .args(&args)
+            .env_remove("OSC_USER_KEY")
+            .env("OSC_LOG", "debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start agent");
+        wait_for(
+            "the new generation being written",
+            std::time::Duration::from_secs(30),
+            || async { hidden(&out).len() == 3 },
+        )
+        .await;
+        let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+        nix::sys::signal::kill(pid, signal).expect("kill");
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .expect("the agent exits within 10 s of the signal")
+            .expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = e.read_to_string(&mut stderr).await;
+        }
+        logs.push(&stderr);
+        assert_eq!(status.code(), Some(code), "{signal}: {stderr}");
+        assert!(stderr.contains("files left as they were"), "{stderr}");
+        assert_eq!(
+            tree(&out),
+            before,
+            "{signal}: the partial generation is removed, the earlier files untouched"
+        );
+    }
+    logs.assert_free_of(&[DB_PASSWORD, USER_KEY]);
+}

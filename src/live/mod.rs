@@ -1,14 +1,22 @@
 //! The live loop: keep the outputs equal to the server's state, despite a lossy event stream.
 //!
 //! Every (re)connect → full reconcile. Change hints → coalesced (see [`debounce`]) → one list call.
-//! A jittered periodic resync is the safety net. SIGHUP and `POST /sync` reconcile on demand. Outputs
-//! edited by someone else are restored from the last render kept in memory (no server call). On
-//! SIGTERM/SIGINT the loop stops taking hints, lets an in-flight write finish, and returns.
+//! A jittered periodic resync is the safety net. SIGHUP and `POST /sync` reconcile on demand, at most
+//! once per `--sync-min-interval` (see [`ondemand`]). Outputs edited by someone else are restored from
+//! the last render kept in memory (no server call). On SIGTERM/SIGINT the loop stops taking hints; a
+//! write in progress abandons its new generation between two files (see [`crate::sink::abort_writes`]).
+//!
+//! Backoff holds on every path: while a reconcile is failing, hints, reconnects and periodic resyncs
+//! wait for the scheduled retry (it reads everything anyway); a credential file change and a stream
+//! reconnect may each bring that retry forward once per failure streak, never repeatedly. Repeated
+//! drift repairs back off too.
 
 mod debounce;
+mod ondemand;
 mod watch;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,12 +34,12 @@ use crate::state::Filter;
 use crate::sync::{Agent, SyncError};
 use crate::telemetry::Telemetry;
 use debounce::Debounce;
+pub use ondemand::{OnDemand, Outcome, Scheduled};
+pub use watch::POLL_INTERVAL;
 
-/// A reason to look at the outputs again, from outside the stream.
+/// A reason to look at the outputs again, from the file watcher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
-    /// Reconcile now (SIGHUP, `POST /sync`).
-    Sync(&'static str),
     /// A managed output changed on disk.
     Drift,
     /// A credential file changed.
@@ -43,8 +51,8 @@ pub struct LiveContext {
     pub telemetry: Arc<Telemetry>,
     /// Where changed generations go, when actions are configured.
     pub actions: Option<ActionQueue>,
-    pub triggers_tx: UnboundedSender<Trigger>,
-    pub triggers: UnboundedReceiver<Trigger>,
+    /// On-demand reconciles (`POST /sync`, SIGHUP).
+    pub on_demand: Arc<OnDemand>,
     pub cancel: CancellationToken,
 }
 
@@ -52,18 +60,28 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + 0.2 * fastrand::f64())
 }
 
+/// The next retry delay of a failing reconcile: between half and all of the backoff's ceiling
+/// (spread over a fleet, and never collapsing to zero the way full jitter can), at least 100 ms.
+fn retry_delay(failures: &mut Backoff) -> Duration {
+    let ceiling = failures.ceiling();
+    let _ = failures.next_delay();
+    ceiling
+        .mul_f64(0.5 + 0.5 * fastrand::f64())
+        .max(Duration::from_millis(100))
+}
+
 /// Run until cancelled.
 pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
     let LiveContext {
         telemetry,
         actions,
-        triggers_tx,
-        mut triggers,
+        on_demand,
         cancel,
     } = ctx;
     let live = &settings.live;
     let (Some(client), Some(server)) = (agent.client(), settings.server()) else {
         warn!("live mode needs a server");
+        on_demand.close();
         telemetry.loop_exited();
         return;
     };
@@ -84,25 +102,46 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         stream_cancel.clone(),
     ));
 
+    // Credential files are watched from the start (a rotation may be what fixes the first sync);
+    // outputs once they exist.
+    let (triggers_tx, mut triggers): (UnboundedSender<Trigger>, UnboundedReceiver<Trigger>) =
+        mpsc::unbounded_channel();
+    let mut watcher =
+        watch::Watch::start(credential_files(settings), triggers_tx, telemetry.clone());
+    let mut outputs_watched = false;
+
     let mut changes = Debounce::new(live.wait_min, live.wait_max);
-    let mut drift: Option<Instant> = None;
     let mut sync_now = Some("start");
+    // The reconcile about to run was asked for (POST /sync, SIGHUP).
+    let mut on_demand_sync = false;
     let mut next_resync = Instant::now() + jittered(live.resync_interval);
     let mut retry_at: Option<Instant> = None;
     let mut failures = Backoff::new(server.retry.initial_delay, live.reconnect_max_delay, 2.0);
+    // Shortcuts into a pending retry already taken in this failure streak.
+    let (mut credentials_shortcut, mut reconnect_shortcut) = (false, false);
+    let mut drift = Debounce::new(live.wait_min, live.wait_max);
+    let mut repairs = Backoff::new(
+        live.wait_min.max(Duration::from_millis(100)),
+        live.reconnect_max_delay,
+        2.0,
+    );
+    let mut repair_not_before = Instant::now();
     let mut degraded_checked = false;
     // Actions skip the first sync of a fresh start: the app reads its first files by itself.
     let existed_at_start = crate::sink::existing_outputs(&settings.outputs).is_some();
     let mut first_apply = true;
     let mut digests: Option<BTreeMap<String, String>> = None;
     let mut last: Option<Arc<Rendered>> = None;
-    let mut watcher = None;
 
     loop {
         telemetry.heartbeat();
         if let Some(reason) = sync_now.take() {
-            // Fetching is cancellable (nothing on disk changes); applying runs to completion.
             let started = Instant::now();
+            if std::mem::take(&mut on_demand_sync) {
+                on_demand.started(started);
+            }
+            // Fetching is cancellable (nothing on disk changes); a write abandons its new generation
+            // between two files once shutdown starts, and returns.
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = agent.fetch() => r,
@@ -111,6 +150,10 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                 Ok(snapshot) => agent.apply(snapshot).await,
                 Err(e) => Err(e),
             };
+            if cancel.is_cancelled() && result.is_err() {
+                info!("stopping: the reconcile in progress was abandoned, files left as they were");
+                break;
+            }
             let took = started.elapsed();
             match result {
                 Ok(applied) => {
@@ -129,15 +172,24 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             queue.submit(applied.report.config_hash.clone(), keys);
                         }
                     }
+                    // Watched before the sync shows in /status: a change made right after is seen.
+                    if live.drift_repair {
+                        if !outputs_watched {
+                            outputs_watched = true;
+                            let (dirs, files) = output_paths(settings);
+                            watcher.watch_outputs(&dirs, &files);
+                        }
+                        if let Some(dir) = &applied.rendered.dir {
+                            watcher.set_keys(&dir.path, dir.files.keys().cloned());
+                        }
+                    }
                     telemetry.on_sync_ok(&applied.report, took);
                     first_apply = false;
                     digests = Some(applied.digests);
                     last = Some(applied.rendered);
                     retry_at = None;
                     failures.reset();
-                    if watcher.is_none() && live.drift_repair {
-                        watcher = watch::start(watch_paths(settings), triggers_tx.clone());
-                    }
+                    (credentials_shortcut, reconnect_shortcut) = (false, false);
                 }
                 Err(e) => {
                     log_failure(&e);
@@ -153,7 +205,17 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             first_apply = false;
                         }
                     }
-                    let delay = failures.next_delay().max(Duration::from_millis(100));
+                    if matches!(e, SyncError::Empty(_))
+                        && !telemetry.ready()
+                        && let Some(generation) = crate::sink::existing_outputs(&settings.outputs)
+                    {
+                        // Refused to empty an earlier run's files: they are what the app should read.
+                        let stale = crate::sync::Stale::LastKnownGood { generation };
+                        warn!("serving {stale}: the environment has no entry");
+                        telemetry.set_stale(stale.to_string());
+                        first_apply = false;
+                    }
+                    let delay = retry_delay(&mut failures);
                     retry_at = Some(Instant::now() + delay);
                     info!(
                         retry_in_ms = delay.as_millis() as u64,
@@ -165,10 +227,12 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
             continue;
         }
 
+        let drift_due = drift.deadline().map(|d| d.max(repair_not_before));
         let wake = [
             changes.deadline(),
-            drift,
+            drift_due,
             retry_at,
+            on_demand.due_at(),
             Some(next_resync),
             Some(Instant::now() + Duration::from_secs(1)),
         ]
@@ -182,49 +246,76 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
             Some(event) = events.recv() => {
                 telemetry.on_stream(&event);
                 match event {
-                    StreamEvent::Connected { .. } => sync_now = Some("stream connected"),
+                    StreamEvent::Connected { .. } => match retry_at {
+                        None => sync_now = Some("stream connected"),
+                        // The server may be back: try soon, once per failure streak.
+                        Some(at) if !reconnect_shortcut => {
+                            reconnect_shortcut = true;
+                            retry_at = Some(at.min(Instant::now() + live.wait_min));
+                        }
+                        Some(_) => {}
+                    },
                     StreamEvent::Change { .. } => changes.note(Instant::now()),
                     StreamEvent::GaveUp { attempts } => warn!(attempts, "event stream gave up; only periodic resyncs remain"),
                     StreamEvent::KeepAlive | StreamEvent::Disconnected { .. } => {}
                 }
             }
             Some(trigger) = triggers.recv() => {
-                // Everything queued is handled at once: a burst of POST /sync or SIGHUP costs one
-                // reconcile, and the queue is emptied before each one.
+                // Everything queued is handled at once.
                 let mut next = Some(trigger);
                 while let Some(trigger) = next {
                     match trigger {
-                        Trigger::Sync(reason) => sync_now = Some(reason),
-                        Trigger::Drift => drift = Some(Instant::now() + live.wait_min),
-                        Trigger::Credentials => {
-                            if retry_at.is_some() {
-                                info!("credential file changed: retrying now");
-                                sync_now = Some("credentials changed");
+                        Trigger::Drift => drift.note(Instant::now()),
+                        Trigger::Credentials => match retry_at {
+                            Some(at) if !credentials_shortcut => {
+                                credentials_shortcut = true;
+                                info!("credential file changed: retrying soon");
+                                // A short wait lets a Secret volume's swap (several events) settle.
+                                retry_at = Some(at.min(Instant::now() + live.wait_min));
                             }
-                        }
+                            Some(_) => debug!("credential file changed: the scheduled retry will use it"),
+                            None => debug!("credential file changed: used from the next request on"),
+                        },
                     }
                     next = triggers.try_recv().ok();
                 }
             },
+            _ = on_demand.requested() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
 
         let now = Instant::now();
-        if changes.take_due(now) {
+        if let Some(reason) = on_demand.due(now) {
+            sync_now = Some(reason);
+            on_demand_sync = true;
+        } else if let Some(at) = retry_at {
+            // Failing: hints and resyncs wait for the retry, which reads everything anyway (and
+            // nothing due stays in the wake-up list, or the loop would spin until then).
+            changes.clear();
+            if at <= now {
+                sync_now = Some("retry");
+            } else if next_resync <= now {
+                next_resync = at;
+            }
+        } else if changes.take_due(now) {
             sync_now = Some("change events");
-        } else if retry_at.is_some_and(|t| t <= now) {
-            sync_now = Some("retry");
         } else if next_resync <= now {
             sync_now = Some("periodic resync");
             agent.recheck_objects();
         }
-        if drift.is_some_and(|t| t <= now) {
-            drift = None;
+        if drift_due.is_some_and(|t| t <= now) {
+            drift.clear();
             if let Some(rendered) = &last {
-                repair(&agent, rendered.clone(), &telemetry).await;
+                if repair(&agent, rendered.clone(), &telemetry).await {
+                    // Someone keeps changing the outputs: do not fight at full speed.
+                    repair_not_before = Instant::now() + retry_delay(&mut repairs);
+                } else {
+                    repairs.reset();
+                }
             }
         }
     }
+    on_demand.close();
     stream_cancel.cancel();
     let _ = stream_task.await;
     drop(watcher);
@@ -252,43 +343,52 @@ async fn degrade(agent: &Agent, telemetry: &Telemetry) -> bool {
     }
 }
 
-/// Put back outputs changed by someone else, from the last render (no server call).
-async fn repair(agent: &Agent, rendered: Arc<Rendered>, telemetry: &Telemetry) {
+/// Put back outputs changed by someone else, from the last render (no server call). True when
+/// something had to be restored.
+async fn repair(agent: &Agent, rendered: Arc<Rendered>, telemetry: &Telemetry) -> bool {
     match agent.write(rendered).await {
         Ok(report) if !report.changed.is_empty() || report.repaired > 0 => {
             warn!(restored = ?report.changed, links = report.repaired,
                   "managed outputs were changed by someone else: restored");
             telemetry.on_drift_repair(report.files_written);
+            true
         }
         Ok(report) => {
-            for e in report.errors {
+            for e in &report.errors {
                 warn!("drift repair: {e}");
             }
+            false
         }
-        Err(e) => warn!("drift repair failed: {e}"),
+        Err(e) => {
+            warn!("drift repair failed: {e}");
+            false
+        }
     }
 }
 
-fn watch_paths(settings: &Settings) -> watch::WatchPaths {
-    use crate::config::SecretSource;
+/// The single-file outputs and the output directory, for drift repair.
+fn output_paths(settings: &Settings) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let o = &settings.outputs;
+    let files = o
+        .files
+        .iter()
+        .map(|f| f.path.clone())
+        .chain(o.templates.iter().map(|t| t.destination.clone()))
+        .collect();
+    (o.dir.iter().cloned().collect(), files)
+}
+
+/// Credential files (re-read for every request; watched to retry a failing sync at once).
+fn credential_files(settings: &Settings) -> Vec<PathBuf> {
+    use crate::config::SecretSource;
     let credentials = settings.server().map(|s| &s.credentials);
-    watch::WatchPaths {
-        output_dirs: o.dir.iter().cloned().collect(),
-        output_files: o
-            .files
-            .iter()
-            .map(|f| f.path.clone())
-            .chain(o.templates.iter().map(|t| t.destination.clone()))
-            .collect(),
-        credential_files: credentials
-            .into_iter()
-            .flat_map(|c| [Some(&c.user_key), c.api_key.as_ref(), c.token.as_ref()])
-            .flatten()
-            .filter_map(|s| match s {
-                SecretSource::File { path, .. } => Some(path.clone()),
-                SecretSource::Env { .. } => None,
-            })
-            .collect(),
-    }
+    credentials
+        .into_iter()
+        .flat_map(|c| [Some(&c.user_key), c.api_key.as_ref(), c.token.as_ref()])
+        .flatten()
+        .filter_map(|s| match s {
+            SecretSource::File { path, .. } => Some(path.clone()),
+            SecretSource::Env { .. } => None,
+        })
+        .collect()
 }

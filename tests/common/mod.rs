@@ -149,6 +149,26 @@ impl DevServer {
         Api::new(&self.url, USER_KEY)
     }
 
+    /// How many list calls (`GET /configs`) the server has answered so far, read from its request log.
+    /// Exact: a marker request is sent and its own log line awaited, so every earlier line is in.
+    pub async fn list_calls(&self) -> usize {
+        let marker = format!("/_dev/marker-{}", fastrand::u64(..));
+        let _ = reqwest::get(format!("{}{marker}", self.url)).await;
+        let needle = format!("path={marker} ");
+        wait_for(
+            "the dev server's marker log line",
+            Duration::from_secs(10),
+            || async { self.logs.text().contains(&needle) },
+        )
+        .await;
+        self.logs
+            .text()
+            .lines()
+            .filter(|l| l.contains("dev-server request") && l.contains("method=GET"))
+            .filter(|l| l.contains("path=/configs "))
+            .count()
+    }
+
     /// SIGTERM and wait for exit (clean stop, streams end cleanly).
     pub async fn stop(&mut self) {
         if let Some(pid) = self.child.id() {
@@ -451,15 +471,43 @@ pub struct AgentProc {
     pub http: reqwest::Client,
 }
 
+/// How to start an agent process, beyond its arguments.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Extra environment variables (`OSC_LOG` defaults to `debug`).
+    pub env: Vec<(&'a str, &'a str)>,
+    /// A program (and its arguments) that ends by exec'ing the agent binary, which is appended to it
+    /// with the agent's arguments: e.g. `unshare` to start the agent in a user namespace.
+    pub wrapper: Vec<String>,
+    /// The agent's stderr goes to this file (created or appended to) instead of the captured pipe;
+    /// read it with [`std::fs::read_to_string`] and push it to the logs before checking them.
+    pub stderr_file: Option<PathBuf>,
+    /// Adjusts the command last (e.g. [`nohup_signals`]).
+    pub setup: Option<fn(&mut Command)>,
+}
+
+fn admin_addr(line: &str) -> Option<String> {
+    if !line.contains("admin server listening") {
+        return None;
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .map(str::to_owned)
+}
+
 impl AgentProc {
     /// Start `osc-agent` (live mode) with `--admin-addr 127.0.0.1:0`; waits for the admin address.
     pub async fn start(logs: &Logs, args: &[&str]) -> AgentProc {
-        Self::start_with(logs, args, &[], |_| {}).await
+        Self::launch(logs, args, Launch::default()).await
     }
 
     /// [`AgentProc::start`] with extra environment variables.
     pub async fn start_with_env(logs: &Logs, args: &[&str], env: &[(&str, &str)]) -> AgentProc {
-        Self::start_with(logs, args, env, |_| {}).await
+        let launch = Launch {
+            env: env.to_vec(),
+            ..Launch::default()
+        };
+        Self::launch(logs, args, launch).await
     }
 
     /// [`AgentProc::start`] with extra environment variables, after `setup` has adjusted the command
@@ -468,46 +516,96 @@ impl AgentProc {
         logs: &Logs,
         args: &[&str],
         env: &[(&str, &str)],
-        setup: impl FnOnce(&mut Command),
+        setup: fn(&mut Command),
     ) -> AgentProc {
-        let mut command = clean_command(BIN);
-        command
-            .args(args)
+        let launch = Launch {
+            env: env.to_vec(),
+            setup: Some(setup),
+            ..Launch::default()
+        };
+        Self::launch(logs, args, launch).await
+    }
+
+    /// [`AgentProc::start`] with a [`Launch`] setup. The command starts from [`clean_command`].
+    pub async fn launch(logs: &Logs, args: &[&str], launch: Launch<'_>) -> AgentProc {
+        let mut cmd = match launch.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = clean_command(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => clean_command(BIN),
+        };
+        cmd.args(args)
             .args(["--admin-addr", "127.0.0.1:0"])
             .env_remove("OSC_USER_KEY")
             .env("OSC_LOG", "debug")
-            .envs(env.iter().copied())
+            .envs(launch.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .kill_on_drop(true);
-        setup(&mut command);
-        let mut child = command.spawn().expect("start agent");
+        match &launch.stderr_file {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the agent's log file");
+                cmd.stderr(file)
+            }
+            None => cmd.stderr(Stdio::piped()),
+        };
+        if let Some(setup) = launch.setup {
+            setup(&mut cmd);
+        }
+        let mut child = cmd.spawn().expect("start agent");
         drain(
             child.stdout.take().expect("stdout"),
             logs.clone(),
             "agent stdout",
         );
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let admin = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                logs.push(&format!("[agent] {line}"));
-                if line.contains("admin server listening") {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .expect("addr= in the admin log line");
-                    return addr.to_owned();
-                }
+        let admin = match &launch.stderr_file {
+            Some(path) => {
+                let mut found = None;
+                wait_for(
+                    "the admin address in the agent's log file",
+                    Duration::from_secs(30),
+                    || {
+                        found = std::fs::read_to_string(path)
+                            .ok()
+                            .and_then(|text| text.lines().find_map(admin_addr));
+                        let done = found.is_some() || child.try_wait().ok().flatten().is_some();
+                        async move { done }
+                    },
+                )
+                .await;
+                found.unwrap_or_else(|| {
+                    panic!(
+                        "agent exited before its admin server listened: {}",
+                        std::fs::read_to_string(path).unwrap_or_default()
+                    )
+                })
             }
-            panic!(
-                "agent exited before its admin server listened: {}",
-                logs.text()
-            );
-        })
-        .await
-        .expect("agent admin server did not start within 30 s");
-        drain(lines.into_inner(), logs.clone(), "agent");
+            None => {
+                let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+                let admin = tokio::time::timeout(Duration::from_secs(30), async {
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        logs.push(&format!("[agent] {line}"));
+                        if let Some(addr) = admin_addr(&line) {
+                            return addr;
+                        }
+                    }
+                    panic!(
+                        "agent exited before its admin server listened: {}",
+                        logs.text()
+                    );
+                })
+                .await
+                .expect("agent admin server did not start within 30 s");
+                drain(lines.into_inner(), logs.clone(), "agent");
+                admin
+            }
+        };
         AgentProc {
             child,
             admin,
@@ -562,6 +660,27 @@ impl AgentProc {
         .await;
     }
 
+    /// POST to the admin server: status code and JSON body.
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        match self
+            .http
+            .post(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+        {
+            Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    /// Value of one labelled sample, e.g. `metric_sample("osc_agent_watch_mode", "mode=\"polling\"")`.
+    pub async fn metric_sample(&self, name: &str, labels: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").await;
+        let prefix = format!("{name}{{{labels}}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = self.child.id().expect("running") as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
@@ -605,6 +724,14 @@ pub fn live_args(server_url: &str, scratch: &Scratch, out: &Path, extra: &[&str]
 
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// Replace the value of `flag` in an argument list (or append the flag).
+pub fn set_arg(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(pos) => args[pos + 1] = value.to_owned(),
+        None => args.extend([flag.to_owned(), value.to_owned()]),
+    }
 }
 
 /// Wait until `path` holds exactly `expected`.

@@ -149,7 +149,7 @@ app is not running yet) and the admin server. */}}
 - --max-actions={{ $v.maxActions }}
 - --action-window={{ $v.actionWindow }}
 {{- end }}
-- --admin-addr=0.0.0.0:{{ $v.admin.port }}
+- --admin-addr={{ $v.admin.address | default "0.0.0.0" }}:{{ $v.admin.port }}
 {{- end -}}
 
 {{- define "osc-agent.env" -}}
