@@ -688,7 +688,7 @@ async fn sigterm_or_sigint_during_a_big_once_write_abandons_it_cleanly() {
     )
     .await;
     assert_eq!(r.code, 0, "{r:?}");
-    let before = tree(&out);
+    let before = visible_tree(&out);
 
     for (signal, code) in [(Signal::SIGTERM, 143), (Signal::SIGINT, 130)] {
         let args = once_args(&server, &scratch, &out_s, &[]);
@@ -723,7 +723,7 @@ async fn sigterm_or_sigint_during_a_big_once_write_abandons_it_cleanly() {
         assert_eq!(status.code(), Some(code), "{signal}: {stderr}");
         assert!(stderr.contains("files left as they were"), "{stderr}");
         assert_eq!(
-            tree(&out),
+            visible_tree(&out),
             before,
             "{signal}: the partial generation is removed, the earlier files untouched"
         );

@@ -68,12 +68,18 @@ async fn in_place_never_writes_through_a_symlink() {
     let logs = Logs::default();
     let server = server_abc(&logs).await;
     let scratch = Scratch::new();
-    let victim = scratch.write("victim.conf", "owned by someone else\n");
-    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // Two victims: links to one file would make the two outputs one path (a configuration error).
+    let victims = [
+        scratch.write("victim.env", "owned by someone else\n"),
+        scratch.write("victim.conf", "owned by someone else\n"),
+    ];
+    for victim in &victims {
+        std::fs::set_permissions(victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
     let env_link = scratch.path("app.env");
     let conf_link = scratch.path("app.conf");
-    std::os::unix::fs::symlink(&victim, &env_link).unwrap();
-    std::os::unix::fs::symlink(&victim, &conf_link).unwrap();
+    std::os::unix::fs::symlink(&victims[0], &env_link).unwrap();
+    std::os::unix::fs::symlink(&victims[1], &conf_link).unwrap();
     let template = scratch.write("app.conf.j2", "a={{ config.a }}\n");
     let output = format!("{}:dotenv", env_link.display());
     let tpl = format!("{}:{}", template.display(), conf_link.display());
@@ -95,17 +101,19 @@ async fn in_place_never_writes_through_a_symlink() {
         }
         assert!(r.stderr.contains("symbolic link"), "{}", r.stderr);
         assert_eq!(r.stderr.contains("--in-place never writes"), in_place);
-        assert_eq!(
-            std::fs::read_to_string(&victim).unwrap(),
-            "owned by someone else\n"
-        );
-        assert_eq!(mode(&victim), 0o644, "not chmod'ed through the link");
-        assert!(
-            std::fs::symlink_metadata(&env_link)
-                .unwrap()
-                .file_type()
-                .is_symlink()
-        );
+        for (victim, link) in victims.iter().zip([&env_link, &conf_link]) {
+            assert_eq!(
+                std::fs::read_to_string(victim).unwrap(),
+                "owned by someone else\n"
+            );
+            assert_eq!(mode(victim), 0o644, "not chmod'ed through the link");
+            assert!(
+                std::fs::symlink_metadata(link)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink()
+            );
+        }
     }
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }

@@ -135,11 +135,12 @@ pub fn check(
     for (i, out) in outputs.iter().enumerate() {
         for other in &outputs[i + 1..] {
             if same(out.path, other.path) {
-                return Err(clash(
-                    out,
-                    other,
-                    "is the same file as; two outputs on one path would rewrite each other forever:",
-                ));
+                return Err(ConfigError(format!(
+                    "{} is the same file as {}: two outputs on one path would rewrite each other \
+                     forever",
+                    out.describe(),
+                    other.describe()
+                )));
             }
         }
         for inp in &inputs {

@@ -432,6 +432,14 @@ pub fn visible(dir: &Path) -> Vec<String> {
 }
 
 /// Hidden entries (`..data`, generations, `..data_tmp`), without the agent's lock file `..osc-agent`.
+/// [`tree`] without the agent's own state file (`..osc-agent`), which records a generation before it is
+/// written and forgets it when the write is abandoned: for comparing what readers see.
+pub fn visible_tree(root: &Path) -> BTreeMap<String, Node> {
+    let mut t = tree(root);
+    t.remove("..osc-agent");
+    t
+}
+
 pub fn hidden(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
