@@ -37,6 +37,22 @@ struct ModeLabel {
 pub const WATCH_MODES: [&str; 3] = ["inotify", "polling", "off"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViaLabel {
+    via: &'static str,
+}
+
+/// How an applied change was first noticed, as in `osc_agent_changes_noticed_total{via}`.
+pub const NOTICED_VIA: [&str; 4] = ["stream", "detector", "resync", "on-demand"];
+
+/// Change-detector states, as in `/status.detector.state` and `osc_agent_detector_state{state}`.
+pub const DETECTOR_STATES: [&str; 5] = ["starting", "polling", "failing", "unavailable", "off"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabel {
     action: &'static str,
     result: &'static str,
@@ -60,6 +76,11 @@ struct Metrics {
     breaker: Gauge,
     sync_requests: Family<ResultLabel, Counter>,
     watch_mode: Family<ModeLabel, Gauge>,
+    changes_noticed: Family<ViaLabel, Counter>,
+    detector_polls: Family<ResultLabel, Counter>,
+    detector_changes: Family<ResultLabel, Counter>,
+    detector_state: Family<StateLabel, Gauge>,
+    detector_interval: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -82,6 +103,11 @@ impl Metrics {
             breaker: Gauge::default(),
             sync_requests: Family::default(),
             watch_mode: Family::default(),
+            changes_noticed: Family::default(),
+            detector_polls: Family::default(),
+            detector_changes: Family::default(),
+            detector_state: Family::default(),
+            detector_interval: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -165,6 +191,44 @@ impl Metrics {
             "1 for the current file-watching mode (inotify, polling, off), 0 for the others",
             m.watch_mode.clone(),
         );
+        registry.register(
+            "osc_agent_changes_noticed",
+            "Reconciles that changed the outputs, by how the change was first noticed: stream (an \
+             event), detector (the metadata poll caught a write the stream missed), resync (periodic, \
+             reconnect or retry) or on-demand (POST /sync, SIGHUP)",
+            m.changes_noticed.clone(),
+        );
+        registry.register(
+            "osc_agent_detector_polls",
+            "Metadata polls of the change detector (GET /cluster/configs), by result (ok, error, \
+             unavailable)",
+            m.detector_polls.clone(),
+        );
+        registry.register(
+            "osc_agent_detector_changes",
+            "Metadata changes the detector found, by whether the stream had announced them (heard) or \
+             not (missed)",
+            m.detector_changes.clone(),
+        );
+        registry.register(
+            "osc_agent_detector_state",
+            "1 for the change detector's current state (starting, polling, failing, unavailable, off)",
+            m.detector_state.clone(),
+        );
+        registry.register(
+            "osc_agent_detector_interval_seconds",
+            "The change detector's current poll interval (adaptive, --change-poll-interval up to \
+             --change-poll-max)",
+            m.detector_interval.clone(),
+        );
+        for via in NOTICED_VIA {
+            let _ = m.changes_noticed.get_or_create(&ViaLabel { via });
+        }
+        for state in DETECTOR_STATES {
+            m.detector_state
+                .get_or_create(&StateLabel { state })
+                .set(i64::from(state == "off"));
+        }
         for mode in WATCH_MODES {
             m.watch_mode
                 .get_or_create(&ModeLabel { mode })
@@ -204,6 +268,23 @@ struct Status {
     action_pending: bool,
     breaker: Option<String>,
     watch: Option<(&'static str, Option<String>)>,
+    /// The loop is idle until this instant (no heartbeat is due before it).
+    idle_until: Option<Instant>,
+    detector: DetectorStatus,
+    changes_noticed: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Default)]
+struct DetectorStatus {
+    state: Option<&'static str>,
+    detail: Option<String>,
+    interval: Option<Duration>,
+    last_poll_at: Option<SystemTime>,
+    last_change_at: Option<SystemTime>,
+    polls: u64,
+    errors: u64,
+    heard: u64,
+    missed: u64,
 }
 
 /// Shared by the stream, the loop and the admin server.
@@ -341,7 +422,74 @@ impl Telemetry {
     }
 
     pub fn heartbeat(&self) {
-        self.with(|s| s.heartbeat = Some(Instant::now()));
+        self.with(|s| {
+            s.heartbeat = Some(Instant::now());
+            s.idle_until = None;
+        });
+    }
+
+    /// The loop sleeps until `wake` (its next deadline) unless something happens: the liveness check
+    /// counts a stall from then on, not from the last heartbeat.
+    pub fn idle_until(&self, wake: Instant) {
+        self.with(|s| {
+            s.heartbeat = Some(Instant::now());
+            s.idle_until = Some(wake);
+        });
+    }
+
+    /// A reconcile that changed the outputs, first noticed `via` (one of [`NOTICED_VIA`]).
+    pub fn on_change_noticed(&self, via: &'static str) {
+        self.metrics
+            .changes_noticed
+            .get_or_create(&ViaLabel { via })
+            .inc();
+        self.with(|s| *s.changes_noticed.entry(via).or_default() += 1);
+    }
+
+    /// The change detector's state (one of [`DETECTOR_STATES`]) and why, when not the normal one.
+    pub fn set_detector_state(&self, state: &'static str, detail: Option<String>) {
+        for st in DETECTOR_STATES {
+            self.metrics
+                .detector_state
+                .get_or_create(&StateLabel { state: st })
+                .set(i64::from(st == state));
+        }
+        self.with(|s| {
+            s.detector.state = Some(state);
+            s.detector.detail = detail;
+        });
+    }
+
+    /// One metadata poll: `result` is ok, error or unavailable; `interval` the delay to the next one.
+    pub fn on_detector_poll(&self, result: &'static str, interval: Duration) {
+        self.metrics
+            .detector_polls
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.metrics.detector_interval.set(interval.as_secs_f64());
+        self.with(|s| {
+            s.detector.polls += 1;
+            s.detector.errors += u64::from(result == "error");
+            s.detector.last_poll_at = Some(SystemTime::now());
+            s.detector.interval = Some(interval);
+        });
+    }
+
+    /// The detector found changed metadata; `missed`: the stream had not announced all of it.
+    pub fn on_detector_change(&self, missed: bool) {
+        let result = if missed { "missed" } else { "heard" };
+        self.metrics
+            .detector_changes
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.with(|s| {
+            s.detector.last_change_at = Some(SystemTime::now());
+            if missed {
+                s.detector.missed += 1;
+            } else {
+                s.detector.heard += 1;
+            }
+        });
     }
 
     pub fn loop_exited(&self) {
@@ -426,9 +574,12 @@ impl Telemetry {
             if s.loop_exited {
                 return bad("the reconcile loop has stopped".into());
             }
-            let beat = s
-                .heartbeat
-                .map_or(self.started.0.elapsed(), |b| b.elapsed());
+            // Idle until a known deadline: overdue only past it.
+            let beat = match (s.heartbeat, s.idle_until) {
+                (_, Some(wake)) => Instant::now().saturating_duration_since(wake),
+                (Some(b), None) => b.elapsed(),
+                (None, None) => self.started.0.elapsed(),
+            };
             if beat > stall {
                 return bad(format!(
                     "the reconcile loop has not run for {}s",
@@ -486,6 +637,20 @@ impl Telemetry {
                 "started_at": rfc3339(Some(self.started.1)),
                 "watch": s.watch.as_ref().map_or("off", |(m, _)| *m),
                 "watch_detail": s.watch.as_ref().and_then(|(_, d)| d.clone()),
+                "detector": {
+                    "state": s.detector.state.unwrap_or("off"),
+                    "detail": s.detector.detail,
+                    "interval_ms": s.detector.interval.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    "last_poll_at": rfc3339(s.detector.last_poll_at),
+                    "last_change_at": rfc3339(s.detector.last_change_at),
+                    "polls": s.detector.polls,
+                    "errors": s.detector.errors,
+                    "changes_heard_by_stream": s.detector.heard,
+                    "changes_missed_by_stream": s.detector.missed,
+                },
+                "changes_noticed": NOTICED_VIA.iter()
+                    .map(|v| (v.to_string(), json!(s.changes_noticed.get(v).copied().unwrap_or(0))))
+                    .collect::<serde_json::Map<_, _>>(),
                 "stream": {
                     "connected": s.connected,
                     "subscription_id": s.subscription_id,

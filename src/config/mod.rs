@@ -455,6 +455,24 @@ pub struct AgentArgs {
         help_heading = "Live sync"
     )]
     pub sync_min_interval: Option<HumanDuration>,
+    /// Poll the server's entry metadata (`GET /cluster/configs`: no user key, no decryption) this often
+    /// to notice writes the event stream missed (±10% jitter; `0` disables) [default: 2s].
+    #[arg(
+        long,
+        env = "OSC_CHANGE_POLL_INTERVAL",
+        value_name = "DURATION",
+        help_heading = "Live sync"
+    )]
+    pub change_poll_interval: Option<HumanDuration>,
+    /// Longest metadata poll interval: while the stream has announced every change the poll found, the
+    /// interval doubles up to this [default: 30s].
+    #[arg(
+        long,
+        env = "OSC_CHANGE_POLL_MAX",
+        value_name = "DURATION",
+        help_heading = "Live sync"
+    )]
+    pub change_poll_max: Option<HumanDuration>,
 
     /// File holding the password of --fallback-backup / --from-backup. Or set $OSC_BACKUP_PASSWORD.
     #[arg(
@@ -620,7 +638,7 @@ impl AgentArgs {
                  drift_repair, backup_password_file, fallback_backup, from_backup, ready_when_stale,
                  configmap, secret, namespace, force_conflicts, owner_reference, pod_name, pod_namespace,
                  act_on_start, action_cooldown, max_actions, action_window, max_response_size,
-                 sync_min_interval, allow_empty;
+                 sync_min_interval, allow_empty, change_poll_interval, change_poll_max;
             vec: include, exclude, category, output, template, action)
     }
 
@@ -731,6 +749,13 @@ pub struct Live {
     pub drift_repair: bool,
     /// Least time between two on-demand reconciles (`POST /sync`, SIGHUP).
     pub sync_min_interval: Duration,
+    /// Shortest metadata poll interval (`--change-poll-interval`); `None`: no change detector.
+    pub change_poll_interval: Option<Duration>,
+    /// Longest metadata poll interval (`--change-poll-max`).
+    pub change_poll_max: Duration,
+    /// The periodic resync interval while the change detector works: `--resync-interval` when set,
+    /// else 30 minutes (the detector notices every write; the resync is only the last net).
+    pub resync_interval_detected: Duration,
 }
 
 /// An encrypted backup file and its password.
@@ -1196,7 +1221,19 @@ fn live_settings(a: &AgentArgs) -> Result<Live, ConfigError> {
         reconnect_max_attempts: a.reconnect_max_attempts.unwrap_or(-1),
         drift_repair: a.drift_repair.unwrap_or(true),
         sync_min_interval: d(a.sync_min_interval, Duration::from_secs(5)),
+        change_poll_interval: Some(d(a.change_poll_interval, Duration::from_secs(2)))
+            .filter(|d| !d.is_zero()),
+        change_poll_max: d(a.change_poll_max, Duration::from_secs(30)),
+        resync_interval_detected: d(a.resync_interval, Duration::from_secs(30 * 60)),
     };
+    if let Some(min) = live.change_poll_interval
+        && live.change_poll_max < min
+    {
+        return Err(ConfigError(format!(
+            "{} must not be shorter than --change-poll-interval",
+            setting("change-poll-max")
+        )));
+    }
     if live.wait_max < live.wait_min {
         return Err(ConfigError(format!(
             "{} must not be shorter than --wait-min",

@@ -1,7 +1,10 @@
 //! The live loop: keep the outputs equal to the server's state, despite a lossy event stream.
 //!
-//! Every (re)connect → full reconcile. Change hints → coalesced (see [`debounce`]) → one list call.
-//! A jittered periodic resync is the safety net. SIGHUP and `POST /sync` reconcile on demand, at most
+//! Start: subscribe first, and reconcile once when the stream is connected (and the change detector
+//! has its baseline), so a start costs one list call and no write between the two is missed. Every
+//! reconnect → full reconcile. Change hints (stream events, and writes the stream missed, found by the
+//! change detector: see [`crate::source::detector`]) → coalesced (see [`debounce`]) → one list call.
+//! A jittered periodic resync is the last net. Between deadlines the loop sleeps: no timer wakes it. SIGHUP and `POST /sync` reconcile on demand, at most
 //! once per `--sync-min-interval` (see [`ondemand`]). Outputs edited by someone else are restored from
 //! the last render kept in memory (no server call). On SIGTERM/SIGINT the loop stops taking hints; a
 //! write in progress abandons its new generation between two files (see [`crate::sink::abort_writes`]).
@@ -29,6 +32,7 @@ use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::render::Rendered;
 use crate::run::{log_failure, log_report};
+use crate::source::detector::{self, Announcements, DetectorEvent, DetectorOptions};
 use crate::source::{FailureClass, StreamEvent, StreamOptions, stream};
 use crate::state::Filter;
 use crate::sync::{Agent, SyncError};
@@ -54,6 +58,30 @@ pub struct LiveContext {
     /// On-demand reconciles (`POST /sync`, SIGHUP).
     pub on_demand: Arc<OnDemand>,
     pub cancel: CancellationToken,
+}
+
+/// Longest wait at start for the stream's `connected` event (and the detector's baseline) before the
+/// first reconcile runs anyway.
+pub const START_WAIT: Duration = Duration::from_secs(5);
+
+/// How a change was first noticed (see `osc_agent_changes_noticed_total{via}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Stream,
+    Detector,
+    Resync,
+    OnDemand,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Stream => "stream",
+            Via::Detector => "detector",
+            Via::Resync => "resync",
+            Via::OnDemand => "on-demand",
+        }
+    }
 }
 
 fn jittered(interval: Duration) -> Duration {
@@ -102,6 +130,46 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         stream_cancel.clone(),
     ));
 
+    // The change detector: its own task, telling the loop about writes the stream did not announce.
+    let announcements = Announcements::default();
+    let (detector_tx, mut detector_events) = mpsc::unbounded_channel();
+    let detector_task = match live.change_poll_interval {
+        Some(min_interval) => match crate::state::Filter::new(&settings.selection) {
+            Ok(filter) => Some(tokio::spawn(detector::run(
+                client.clone(),
+                settings.environment.clone(),
+                DetectorOptions {
+                    min_interval,
+                    max_interval: live.change_poll_max,
+                    retry_initial: live.reconnect_initial_delay,
+                    retry_max: live.reconnect_max_delay,
+                    filter: Arc::new(filter),
+                },
+                announcements.clone(),
+                detector_tx,
+                telemetry.clone(),
+                stream_cancel.clone(),
+            ))),
+            Err(e) => {
+                warn!("change detector off: {e}");
+                None
+            }
+        },
+        None => {
+            telemetry.set_detector_state("off", Some("--change-poll-interval 0".into()));
+            None
+        }
+    };
+    // Until it answers, the resync keeps its stream-only interval.
+    let mut detector_works = false;
+    let resync_interval = |works: bool| {
+        if works {
+            live.resync_interval_detected
+        } else {
+            live.resync_interval
+        }
+    };
+
     // Credential files are watched from the start (a rotation may be what fixes the first sync);
     // outputs once they exist.
     let (triggers_tx, mut triggers): (UnboundedSender<Trigger>, UnboundedReceiver<Trigger>) =
@@ -111,7 +179,11 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
     let mut outputs_watched = false;
 
     let mut changes = Debounce::new(live.wait_min, live.wait_max);
-    let mut sync_now = Some("start");
+    // The first reconcile waits for the stream's `connected` (and the detector's baseline).
+    let mut sync_now = None;
+    let mut start_at = Some(Instant::now() + START_WAIT);
+    let (mut stream_ready, mut detector_ready) = (false, detector_task.is_none());
+    let mut noticed: Option<Via> = None;
     // The reconcile about to run was asked for (POST /sync, SIGHUP).
     let mut on_demand_sync = false;
     let mut next_resync = Instant::now() + jittered(live.resync_interval);
@@ -137,9 +209,12 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         telemetry.heartbeat();
         if let Some(reason) = sync_now.take() {
             let started = Instant::now();
-            if std::mem::take(&mut on_demand_sync) {
+            let via = if std::mem::take(&mut on_demand_sync) {
                 on_demand.started(started);
-            }
+                noticed.take().unwrap_or(Via::OnDemand)
+            } else {
+                noticed.take().unwrap_or(Via::Resync)
+            };
             // Fetching is cancellable (nothing on disk changes); a write abandons its new generation
             // between two files once shutdown starts, and returns.
             let fetched = tokio::select! {
@@ -159,6 +234,9 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                 Ok(applied) => {
                     debug!(reason, "reconcile done");
                     log_report(&applied.report);
+                    if !first_apply && !applied.report.changed.is_empty() {
+                        telemetry.on_change_noticed(via.as_str());
+                    }
                     // Hand over to the actions first: once `/status` shows this sync, its action is
                     // already pending.
                     if let Some(queue) = &actions
@@ -223,29 +301,36 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                     );
                 }
             }
-            next_resync = Instant::now() + jittered(live.resync_interval);
+            next_resync = Instant::now() + jittered(resync_interval(detector_works));
             continue;
         }
 
         let drift_due = drift.deadline().map(|d| d.max(repair_not_before));
-        let wake = [
-            changes.deadline(),
-            drift_due,
-            retry_at,
-            on_demand.due_at(),
-            Some(next_resync),
-            Some(Instant::now() + Duration::from_secs(1)),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or_else(Instant::now);
+        let wake = start_at.unwrap_or_else(|| {
+            [
+                changes.deadline(),
+                drift_due,
+                retry_at,
+                on_demand.due_at(),
+                Some(next_resync),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(Instant::now)
+        });
+        telemetry.idle_until(wake);
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             Some(event) = events.recv() => {
                 telemetry.on_stream(&event);
                 match event {
+                    StreamEvent::Connected { .. } if start_at.is_some() => stream_ready = true,
+                    // Not connected at start: no reason to wait for it.
+                    StreamEvent::Disconnected { .. } | StreamEvent::GaveUp { .. } if start_at.is_some() => {
+                        stream_ready = true;
+                    }
                     StreamEvent::Connected { .. } => match retry_at {
                         None => sync_now = Some("stream connected"),
                         // The server may be back: try soon, once per failure streak.
@@ -255,7 +340,11 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                         }
                         Some(_) => {}
                     },
-                    StreamEvent::Change { .. } => changes.note(Instant::now()),
+                    StreamEvent::Change { key, .. } => {
+                        announcements.note(key.as_deref());
+                        changes.note(Instant::now());
+                        noticed.get_or_insert(Via::Stream);
+                    }
                     StreamEvent::GaveUp { attempts } => warn!(attempts, "event stream gave up; only periodic resyncs remain"),
                     StreamEvent::KeepAlive | StreamEvent::Disconnected { .. } => {}
                 }
@@ -280,11 +369,47 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                     next = triggers.try_recv().ok();
                 }
             },
+            Some(event) = detector_events.recv() => match event {
+                DetectorEvent::Baseline => {
+                    detector_ready = true;
+                    if !detector_works {
+                        detector_works = true;
+                        next_resync = next_resync.min(Instant::now() + jittered(resync_interval(true)));
+                    }
+                }
+                DetectorEvent::Unavailable => {
+                    detector_ready = true;
+                    if detector_works {
+                        detector_works = false;
+                        next_resync = next_resync.min(Instant::now() + jittered(resync_interval(false)));
+                    }
+                }
+                DetectorEvent::Missed { keys } => {
+                    debug!(keys, "the change detector found writes the stream did not announce");
+                    if !detector_works {
+                        detector_works = true;
+                    }
+                    changes.note(Instant::now());
+                    noticed.get_or_insert(Via::Detector);
+                }
+            },
             _ = on_demand.requested() => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
 
         let now = Instant::now();
+        if start_at.is_some_and(|at| at <= now || (stream_ready && detector_ready)) {
+            start_at = None;
+            sync_now = Some("start");
+            changes.clear();
+            noticed = None;
+            continue;
+        }
+        if start_at.is_some() {
+            // Before the first reconcile, hints wait for it (it reads everything).
+            changes.clear();
+            continue;
+        }
         if let Some(reason) = on_demand.due(now) {
             sync_now = Some(reason);
             on_demand_sync = true;
@@ -318,6 +443,9 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
     on_demand.close();
     stream_cancel.cancel();
     let _ = stream_task.await;
+    if let Some(task) = detector_task {
+        let _ = task.await;
+    }
     drop(watcher);
     telemetry.loop_exited();
 }

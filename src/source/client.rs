@@ -33,6 +33,19 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// One row of `GET /cluster/configs`: an entry's metadata (the server's timestamps are compared as
+/// opaque text, never parsed).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct EntryMeta {
+    pub key: String,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
@@ -201,6 +214,60 @@ impl Client {
         };
         crate::state::parse_list(&body)
             .map_err(|reason| SourceError::BadResponse { url: shown, reason })
+    }
+
+    /// The metadata of every entry of `environment` (`GET /cluster/configs?environment=E`): keys,
+    /// categories and timestamps, never a value. It needs no user key (the API key and token are
+    /// sent when configured) and the server decrypts nothing, so it costs a few milliseconds where a
+    /// list costs one key derivation. One attempt, no retry (the change detector has its own backoff).
+    ///
+    /// `Ok(None)`: the server has no such route (404, an older OpenSecureConf).
+    ///
+    /// Errors: as [`Client::list`]; a body over `--max-response-size` is [`SourceError::TooLarge`].
+    pub async fn entry_metadata(
+        &self,
+        environment: &str,
+    ) -> Result<Option<Vec<EntryMeta>>, SourceError> {
+        let url = self.url("cluster/configs", &[("environment", environment)]);
+        let shown = display_url(&url);
+        let response = self
+            .http
+            .get(url.clone())
+            .headers(self.headers(false)?)
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| unreachable(&shown, &e, self.request_timeout))?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(error_of(response, &url, environment).await);
+        }
+        let body = match read_body(response, self.max_response_size).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                return Err(SourceError::TooLarge {
+                    url: shown,
+                    limit: self.max_response_size,
+                    setting: setting("max-response-size"),
+                });
+            }
+            Err(e) => return Err(unreachable(&shown, &e, self.request_timeout)),
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| SourceError::BadResponse {
+                url: shown,
+                // Only the position and class: serde's message may quote the server's text.
+                reason: format!(
+                    "{:?} error at line {} column {}",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ),
+            })
     }
 
     async fn with_retries<T, F, Fut>(&self, mut attempt: F) -> Result<T, SourceError>

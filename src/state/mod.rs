@@ -237,12 +237,15 @@ impl Filter {
     }
 
     pub fn matches(&self, e: &Entry) -> bool {
-        self.include.as_ref().is_none_or(|g| g.is_match(&e.key))
-            && !self.exclude.is_match(&e.key)
+        self.matches_key(&e.key, e.category.as_deref())
+    }
+
+    /// [`Filter::matches`] on a key and its category alone (an entry's metadata, without its value).
+    pub fn matches_key(&self, key: &str, category: Option<&str>) -> bool {
+        self.include.as_ref().is_none_or(|g| g.is_match(key))
+            && !self.exclude.is_match(key)
             && (self.categories.is_empty()
-                || e.category
-                    .as_ref()
-                    .is_some_and(|c| self.categories.contains(c)))
+                || category.is_some_and(|c| self.categories.iter().any(|s| s == c)))
     }
 
     /// Build the snapshot of the selected entries.
