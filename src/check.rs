@@ -79,7 +79,7 @@ fn summary(s: &Settings, from_pod: bool, files: Files) -> String {
     for f in &o.files {
         line(
             "output",
-            format!("{} ({:?})", escape_path(&f.path), f.format),
+            format!("{} ({})", escape_path(&f.path), f.format.as_str()),
         );
     }
     for t in &o.templates {

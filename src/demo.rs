@@ -104,10 +104,12 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
     let agent = Agent::new(&settings).map_err(|e| e.to_string())?;
     let report = agent.sync_once().await.map_err(|e| e.to_string())?;
     println!(
-        "Synced {} keys (content hash {}), {} file(s) written:\n",
+        "Synced {} keys (content hash {}): {} file(s) written. {} now holds (files, and the links a \
+         kubelet-style directory reads through):\n",
         report.keys,
         report.hash.get(..12).unwrap_or_default(),
-        report.files_written
+        report.files_written,
+        root.display()
     );
     print_tree(root);
     let conf = root.join("app.conf");
@@ -130,10 +132,11 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
 
     // Live: watch the stream, change one value through the server, see it land.
     let cancel = CancellationToken::new();
+    let telemetry = Arc::new(Telemetry::new(ENVIRONMENT, true));
     let loop_task = {
         let (agent, settings, cancel) = (agent.clone(), settings.clone(), cancel.clone());
+        let telemetry = telemetry.clone();
         tokio::spawn(async move {
-            let telemetry = Arc::new(Telemetry::new(ENVIRONMENT, true));
             let on_demand = OnDemand::new(settings.live.sync_min_interval, telemetry.clone());
             let ctx = LiveContext {
                 telemetry,
@@ -176,9 +179,29 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
         cancel.cancel();
     } else {
         println!(
-            "Still watching; edit entries with curl against {url} (X-User-Key: {DEMO_USER_KEY}). Ctrl-C stops."
+            "Still watching. Change an entry through the server, e.g.:\n\n  curl -X PUT -H 'X-User-Key: \
+             {DEMO_USER_KEY}' -H 'Content-Type: application/json' -d '{{\"value\": \"warning\"}}' \\\n    \
+             '{url}/configs/log.level?environment={ENVIRONMENT}'\n\nand watch it land here. Ctrl-C stops."
         );
-        let _ = tokio::signal::ctrl_c().await;
+        let applied = |t: &Telemetry| t.status_json()["sync"]["applied_hash"].clone();
+        let mut last = applied(&telemetry);
+        let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let now = applied(&telemetry);
+            if now != last {
+                last = now;
+                println!(
+                    "Update landed: content hash {}; {} holds \"{}\"",
+                    last.as_str().and_then(|h| h.get(..12)).unwrap_or_default(),
+                    level.display(),
+                    read(&level)
+                );
+            }
+        }
         println!("\nStopping.");
         cancel.cancel();
     }
@@ -213,6 +236,11 @@ fn print_tree(root: &Path) {
     use std::os::unix::fs::MetadataExt;
     let mut paths = walk(root);
     paths.sort();
+    // The agent's own lock and state files (`.NAME.osc-agent`, `..osc-agent`): named once, not listed.
+    let (state, paths): (Vec<_>, Vec<_>) = paths.into_iter().partition(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".osc-agent"))
+    });
     for p in paths {
         let Ok(meta) = std::fs::symlink_metadata(&p) else {
             continue;
@@ -230,6 +258,12 @@ fn print_tree(root: &Path) {
                 meta.len()
             );
         }
+    }
+    if !state.is_empty() {
+        println!(
+            "  (and {} lock/state file(s) of the agent: .NAME.osc-agent, ..osc-agent)",
+            state.len()
+        );
     }
 }
 

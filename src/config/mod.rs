@@ -41,6 +41,18 @@ pub enum OutputFormat {
     Properties,
 }
 
+impl OutputFormat {
+    /// The name used on the command line (`json`, `yaml`, `dotenv`, `properties`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputFormat::Json => "json",
+            OutputFormat::Yaml => "yaml",
+            OutputFormat::Dotenv => "dotenv",
+            OutputFormat::Properties => "properties",
+        }
+    }
+}
+
 impl FromStr for OutputFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -181,7 +193,8 @@ pub struct AgentArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Base URL of the OpenSecureConf server, e.g. https://osc.example:9000.
+    /// Base URL of the OpenSecureConf server, e.g. https://osc.example:9000. Required, unless
+    /// --from-backup renders a backup without a server.
     #[arg(long, env = "OSC_SERVER", value_name = "URL", help_heading = "Server")]
     pub server: Option<String>,
     /// Environment to sync (required).
