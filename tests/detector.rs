@@ -286,3 +286,141 @@ async fn an_identical_value_put_is_noticed_and_changes_nothing() {
     wait_for("the action ran", WAIT, || async { ran.exists() }).await;
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }
+
+// Writes of ONE key alternate between a worker the stream hears and one it does not: an earlier
+// announcement of the key must not hide a later, unheard write of it (each lands, no resync).
+#[tokio::test]
+async fn an_unheard_write_is_not_hidden_by_an_earlier_announcement_of_the_same_key() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &["--workers", "2"]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0, 0))).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let args = live_args(
+        &server.url,
+        &scratch,
+        &out,
+        &["--change-poll-interval", "1s", "--resync-interval", "1h"],
+    );
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    // Rounds of 2 and 3 writes 400 ms apart: the workers alternate, so half the rounds end with an
+    // unheard write 400 ms after a heard one (after the reconcile the heard one triggered, in the same
+    // poll window). Each round's last value must land within the poll interval and two seconds, never
+    // with the hour-long resync.
+    let mut v = 0;
+    for round in 0..6 {
+        for _ in 0..2 + round % 2 {
+            v += 1;
+            api.update("prod", "k", json!(secret(0, v))).await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        wait_file(&out.join("k"), &secret(0, v), Duration::from_secs(3)).await;
+    }
+    assert!(
+        agent.metric("osc_agent_events_total").await >= 4.0,
+        "the stream heard some of the writes"
+    );
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+// Metadata that changes on every poll without any change of content (an app re-putting the same value,
+// a server bumping timestamps): after three reconciles that changed nothing, the detector's list calls
+// are spaced out, said once; a real change is still synced.
+#[tokio::test]
+async fn metadata_churn_without_content_changes_does_not_list_at_every_poll() {
+    let logs = Logs::default();
+    // The stream hears nothing: every reconcile here is the detector's.
+    let server = DevServer::start(&logs, &["--drop-every", "1"]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0, 0))).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let args = live_args(
+        &server.url,
+        &scratch,
+        &out,
+        &[
+            "--change-poll-interval",
+            "200ms",
+            "--change-poll-max",
+            "2s",
+            "--wait-min",
+            "10ms",
+            "--resync-interval",
+            "1h",
+        ],
+    );
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    let lists_before = requests(&server, "list").await;
+    let polls_before = requests(&server, "cluster_configs").await;
+    // 20 identical-value PUTs, 300 ms apart: each one is seen by a poll.
+    for _ in 0..20 {
+        api.update("prod", "k", json!(secret(0, 0))).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let lists = requests(&server, "list").await - lists_before;
+    let polls = requests(&server, "cluster_configs").await - polls_before;
+    println!("20 identical PUTs: {polls} metadata polls, {lists} list calls");
+    assert!(polls >= 20, "the detector kept polling: {polls}");
+    assert!(
+        lists <= 8,
+        "list calls were spaced out after three no-op reconciles: {lists} for 20 PUTs"
+    );
+    assert_eq!(
+        logs.text()
+            .matches("keeps seeing metadata changes with unchanged content")
+            .count(),
+        1,
+        "said once"
+    );
+    // A real change still lands (within the hold, at most --change-poll-max doubled a few times).
+    api.update("prod", "k", json!(secret(0, 1))).await;
+    wait_file(&out.join("k"), &secret(0, 1), WAIT).await;
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+// After the route has answered, a 404 is a failure (a proxy, a rolling deploy), not "unavailable"; the
+// detector says so in /status and recovers when the route answers again.
+#[tokio::test]
+async fn a_route_that_answered_before_and_fails_now_is_failing_then_recovers() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0, 0))).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let args = live_args(
+        &server.url,
+        &scratch,
+        &out,
+        &["--change-poll-interval", "200ms"],
+    );
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    wait_for("polling", WAIT, || async {
+        detector(&agent).await["state"] == "polling"
+    })
+    .await;
+    api.post_admin("/_dev/faults", json!({"cluster_configs": false}))
+        .await;
+    wait_for("failing", WAIT, || async {
+        detector(&agent).await["state"] == "failing"
+    })
+    .await;
+    assert!(!logs.text().contains("change detector unavailable"));
+    api.post_admin("/_dev/faults", json!({"cluster_configs": true}))
+        .await;
+    wait_for("polling again", WAIT, || async {
+        detector(&agent).await["state"] == "polling"
+    })
+    .await;
+    // Writes during the failure are found by comparing with what was known before.
+    api.post_admin("/_dev/faults", json!({"drop_every": 1}))
+        .await;
+    api.update("prod", "k", json!(secret(0, 1))).await;
+    wait_file(&out.join("k"), &secret(0, 1), WAIT).await;
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}

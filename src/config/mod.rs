@@ -1209,6 +1209,9 @@ fn action_settings(a: &AgentArgs) -> Result<Actions, ConfigError> {
     Ok(actions)
 }
 
+/// Shortest `--change-poll-interval` accepted (other than 0, off).
+pub const MIN_CHANGE_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 fn live_settings(a: &AgentArgs) -> Result<Live, ConfigError> {
     let d = |v: Option<HumanDuration>, default: Duration| v.map_or(default, |d| d.0);
     let admin_addr = match a.admin_addr.as_deref().map(str::trim) {
@@ -1236,9 +1239,23 @@ fn live_settings(a: &AgentArgs) -> Result<Live, ConfigError> {
         sync_min_interval: d(a.sync_min_interval, Duration::from_secs(5)),
         change_poll_interval: Some(d(a.change_poll_interval, Duration::from_secs(2)))
             .filter(|d| !d.is_zero()),
-        change_poll_max: d(a.change_poll_max, Duration::from_secs(30)),
+        // A lone --change-poll-interval above 30 s is its own maximum.
+        change_poll_max: d(
+            a.change_poll_max,
+            Duration::from_secs(30).max(d(a.change_poll_interval, Duration::ZERO)),
+        ),
         resync_interval_detected: d(a.resync_interval, Duration::from_secs(30 * 60)),
     };
+    if live
+        .change_poll_interval
+        .is_some_and(|d| d < MIN_CHANGE_POLL_INTERVAL)
+    {
+        return Err(ConfigError(format!(
+            "{} must be 0 (off) or at least {} ms: every poll is a request to the server",
+            setting("change-poll-interval"),
+            MIN_CHANGE_POLL_INTERVAL.as_millis()
+        )));
+    }
     if let Some(min) = live.change_poll_interval
         && live.change_poll_max < min
     {

@@ -33,7 +33,7 @@ use crate::config::Settings;
 use crate::render::Rendered;
 use crate::run::{log_failure, log_report};
 use crate::source::detector::{self, Announcements, DetectorEvent, DetectorOptions};
-use crate::source::{FailureClass, StreamEvent, StreamOptions, stream};
+use crate::source::{ChangeKind, FailureClass, StreamEvent, StreamOptions, stream};
 use crate::state::Filter;
 use crate::sync::{Agent, SyncError};
 use crate::telemetry::Telemetry;
@@ -63,6 +63,18 @@ pub struct LiveContext {
 /// Longest wait at start for the stream's `connected` event (and the detector's baseline) before the
 /// first reconcile runs anyway.
 pub const START_WAIT: Duration = Duration::from_secs(5);
+
+/// Detector-triggered reconciles in a row that change nothing before further ones are spaced out.
+const DETECTOR_NOOPS_BEFORE_HOLD: u32 = 3;
+
+/// The least time between two detector-triggered reconciles after `noops` of them in a row changed
+/// nothing: `--change-poll-max`, doubling per further no-op, at most `--resync-interval`.
+fn detector_hold_delay(noops: u32, poll_max: Duration, resync: Duration) -> Duration {
+    let doublings = noops.saturating_sub(DETECTOR_NOOPS_BEFORE_HOLD).min(16);
+    poll_max
+        .saturating_mul(1 << doublings)
+        .min(resync.max(poll_max))
+}
 
 /// How a change was first noticed (see `osc_agent_changes_noticed_total{via}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +196,14 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
     let mut start_at = Some(Instant::now() + START_WAIT);
     let (mut stream_ready, mut detector_ready) = (false, detector_task.is_none());
     let mut noticed: Option<Via> = None;
+    // When the last list call started (a detector change answered before it is covered by it).
+    let mut last_fetch: Option<Instant> = None;
+    // Detector-triggered reconciles in a row that changed nothing (metadata that changes on every
+    // poll, an app re-putting the same value): past a few, such reconciles are spaced out.
+    let mut detector_noops: u32 = 0;
+    let mut detector_hold: Option<Instant> = None;
+    let mut detector_deferred = false;
+    let mut baseline_seen = false;
     // The reconcile about to run was asked for (POST /sync, SIGHUP).
     let mut on_demand_sync = false;
     let mut next_resync = Instant::now() + jittered(live.resync_interval);
@@ -209,6 +229,11 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         telemetry.heartbeat();
         if let Some(reason) = sync_now.take() {
             let started = Instant::now();
+            last_fetch = Some(started);
+            if reason == "start" && on_demand.due(started).is_some() {
+                // A POST /sync or SIGHUP made during the start wait: this reconcile answers it.
+                on_demand_sync = true;
+            }
             let via = if std::mem::take(&mut on_demand_sync) {
                 on_demand.started(started);
                 noticed.take().unwrap_or(Via::OnDemand)
@@ -236,6 +261,26 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                     log_report(&applied.report);
                     if !first_apply && !applied.report.changed.is_empty() {
                         telemetry.on_change_noticed(via.as_str());
+                    }
+                    if !applied.report.changed.is_empty() {
+                        (detector_noops, detector_hold) = (0, None);
+                    } else if via == Via::Detector {
+                        detector_noops += 1;
+                        if detector_noops >= DETECTOR_NOOPS_BEFORE_HOLD {
+                            let hold = detector_hold_delay(
+                                detector_noops,
+                                live.change_poll_max,
+                                live.resync_interval,
+                            );
+                            if detector_noops == DETECTOR_NOOPS_BEFORE_HOLD {
+                                warn!(
+                                    hold_ms = hold.as_millis() as u64,
+                                    "the change detector keeps seeing metadata changes with unchanged content \
+                                     ({DETECTOR_NOOPS_BEFORE_HOLD} reconciles in a row): spacing out the list calls it asks for"
+                                );
+                            }
+                            detector_hold = Some(Instant::now() + hold);
+                        }
                     }
                     // Hand over to the actions first: once `/status` shows this sync, its action is
                     // already pending.
@@ -309,6 +354,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
         let wake = start_at.unwrap_or_else(|| {
             [
                 changes.deadline(),
+                detector_hold.filter(|_| detector_deferred),
                 drift_due,
                 retry_at,
                 on_demand.due_at(),
@@ -326,22 +372,31 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
             Some(event) = events.recv() => {
                 telemetry.on_stream(&event);
                 match event {
-                    StreamEvent::Connected { .. } if start_at.is_some() => stream_ready = true,
+                    StreamEvent::Connected { .. } if start_at.is_some() => {
+                        stream_ready = true;
+                        announcements.reconnected();
+                    }
                     // Not connected at start: no reason to wait for it.
                     StreamEvent::Disconnected { .. } | StreamEvent::GaveUp { .. } if start_at.is_some() => {
                         stream_ready = true;
                     }
-                    StreamEvent::Connected { .. } => match retry_at {
-                        None => sync_now = Some("stream connected"),
-                        // The server may be back: try soon, once per failure streak.
-                        Some(at) if !reconnect_shortcut => {
-                            reconnect_shortcut = true;
-                            retry_at = Some(at.min(Instant::now() + live.wait_min));
+                    StreamEvent::Connected { .. } => {
+                        announcements.reconnected();
+                        match retry_at {
+                            None => sync_now = Some("stream connected"),
+                            // The server may be back: try soon, once per failure streak.
+                            Some(at) if !reconnect_shortcut => {
+                                reconnect_shortcut = true;
+                                retry_at = Some(at.min(Instant::now() + live.wait_min));
+                            }
+                            Some(_) => {}
                         }
-                        Some(_) => {}
-                    },
-                    StreamEvent::Change { key, .. } => {
-                        announcements.note(key.as_deref());
+                    }
+                    StreamEvent::Change { kind, key } => {
+                        // Only an event naming its key proves the stream heard that write.
+                        if let (ChangeKind::Created | ChangeKind::Updated | ChangeKind::Deleted, Some(key)) = (kind, &key) {
+                            announcements.note(key);
+                        }
                         changes.note(Instant::now());
                         noticed.get_or_insert(Via::Stream);
                     }
@@ -370,27 +425,37 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                 }
             },
             Some(event) = detector_events.recv() => match event {
-                DetectorEvent::Baseline => {
+                DetectorEvent::Working { answered } => {
                     detector_ready = true;
-                    if !detector_works {
-                        detector_works = true;
-                        next_resync = next_resync.min(Instant::now() + jittered(resync_interval(true)));
+                    detector_works = true;
+                    // The start list ran before the first baseline (the start wait timed out, or the
+                    // first poll failed): a write between the two would be in the baseline and never
+                    // noticed; list once more.
+                    if !baseline_seen {
+                        baseline_seen = true;
+                        if start_at.is_none() && last_fetch.is_none_or(|t| t < answered) {
+                            changes.note(Instant::now());
+                        }
                     }
                 }
-                DetectorEvent::Unavailable => {
+                DetectorEvent::NotWorking => {
                     detector_ready = true;
                     if detector_works {
                         detector_works = false;
                         next_resync = next_resync.min(Instant::now() + jittered(resync_interval(false)));
                     }
                 }
-                DetectorEvent::Missed { keys } => {
-                    debug!(keys, "the change detector found writes the stream did not announce");
-                    if !detector_works {
-                        detector_works = true;
+                DetectorEvent::Changed { answered, keys, missed } => {
+                    if last_fetch.is_some_and(|t| t >= answered) {
+                        debug!(keys, "the change detector's changes are covered by a later list");
+                    } else if detector_hold.is_some_and(|h| h > Instant::now()) {
+                        detector_deferred = true;
+                        noticed.get_or_insert(if missed { Via::Detector } else { Via::Stream });
+                    } else {
+                        debug!(keys, missed, "the change detector found changed entries");
+                        changes.note(Instant::now());
+                        noticed.get_or_insert(if missed { Via::Detector } else { Via::Stream });
                     }
-                    changes.note(Instant::now());
-                    noticed.get_or_insert(Via::Detector);
                 }
             },
             _ = on_demand.requested() => {}
@@ -409,6 +474,10 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
             // Before the first reconcile, hints wait for it (it reads everything).
             changes.clear();
             continue;
+        }
+        if detector_deferred && detector_hold.is_none_or(|h| h <= now) {
+            detector_deferred = false;
+            changes.note(now);
         }
         if let Some(reason) = on_demand.due(now) {
             sync_now = Some(reason);

@@ -243,7 +243,18 @@ impl Client {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(error_of(response, &url, environment).await);
+            // No user key is sent here: the answers that blame it elsewhere mean something else.
+            return Err(match error_of(response, &url, environment).await {
+                SourceError::UserKeyRejected { .. } => SourceError::Denied {
+                    url: shown,
+                    status: 401,
+                },
+                SourceError::KeyMismatch { .. } => SourceError::ServerError {
+                    url: shown,
+                    status: 500,
+                },
+                other => other,
+            });
         }
         let body = match read_body(response, self.max_response_size).await {
             Ok(Some(body)) => body,

@@ -7,11 +7,18 @@
 //! keeps the set of `(key, category, created_at, updated_at)` of the selected entries, and when that set
 //! changes in a way the stream did not announce, asks the live loop for the usual debounced reconcile.
 //!
-//! The interval adapts (see [`Cadence`]): it starts at `--change-poll-interval` and stays there while the
-//! stream is known to miss writes; once the stream has announced [`TRUST_AFTER`] changes in a row, every
-//! poll that finds nothing missed doubles it, up to `--change-poll-max`; the first missed change drops it
-//! back to the minimum. Errors back off like the stream; a 404 (a server without the route) turns the
-//! detector off, said once, and it looks again every [`UNAVAILABLE_RECHECK`].
+//! Every change the detector finds goes to the live loop, which reconciles unless a list started after
+//! the poll's answer already covers it: an announcement by the stream is never a reason to skip (the
+//! reconcile it triggered may have run before the write the poll found). Announcements only drive the
+//! interval, which adapts (see [`Cadence`]): it starts at `--change-poll-interval` and stays there while
+//! the stream is known to miss writes; once the stream has announced [`TRUST_AFTER`] changes in a row,
+//! every poll that finds nothing missed doubles it, up to `--change-poll-max`; the first missed change,
+//! or a stream reconnect (a new subscription may sit on another worker), drops it back to the minimum.
+//!
+//! Errors back off like the stream; [`FAILING_AFTER`] failed polls in a row report the detector as not
+//! working (the loop then shortens its resync). A 404 before any answer (a server without the route)
+//! turns the detector off, said once, and it looks again every [`UNAVAILABLE_RECHECK`]; after the route
+//! has answered, a 404 is an error like any other.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -32,6 +39,12 @@ pub const TRUST_AFTER: u32 = 5;
 
 /// How long after a 404 the route is tried again (the server may have been upgraded).
 pub const UNAVAILABLE_RECHECK: Duration = Duration::from_secs(600);
+
+/// Failed polls in a row after which the detector counts as not working.
+pub const FAILING_AFTER: u32 = 3;
+
+/// Least time between two warnings about failed polls (a flapping server would otherwise fill the log).
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a change the poll found may wait for the stream's own event of the same write before it
 /// counts as missed (the stream's event and the database row become visible at nearly the same time).
@@ -58,13 +71,20 @@ pub struct DetectorOptions {
 /// What the detector tells the live loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DetectorEvent {
-    /// The first poll succeeded: writes from now on will be noticed (the start reconcile may run).
-    Baseline,
-    /// Entries changed that the stream had not announced: reconcile.
-    Missed { keys: usize },
-    /// The server has no `/cluster/configs` (404), or the first poll failed: the stream and the
-    /// periodic resync are all there is until it answers.
-    Unavailable,
+    /// A poll succeeded for the first time, or again after the detector was not working: writes
+    /// from the instant `answered` on are noticed (the start reconcile may run).
+    Working { answered: Instant },
+    /// Entries changed between two polls (the later one answered at `answered`): reconcile, unless a
+    /// list started after `answered`. `missed`: the stream had not announced all of them.
+    Changed {
+        answered: Instant,
+        keys: usize,
+        missed: bool,
+    },
+    /// Not working: the server has no `/cluster/configs` (404), the first poll failed, or
+    /// [`FAILING_AFTER`] polls failed in a row. The stream and the periodic resync are all there is
+    /// until a poll succeeds again.
+    NotWorking,
 }
 
 /// Keys the event stream announced, recorded by the live loop, read by the detector.
@@ -74,48 +94,41 @@ pub struct Announcements(Arc<Mutex<Announced>>);
 #[derive(Debug, Default)]
 struct Announced {
     keys: BTreeMap<String, Instant>,
-    /// A change event without a key (announces every key).
-    any: Option<Instant>,
+    /// The stream (re)connected since the last poll: trust must be earned again.
+    reconnected: bool,
 }
 
 impl Announcements {
-    /// The stream announced a change of `key` (`None`: of an unnamed key) now.
-    pub fn note(&self, key: Option<&str>) {
+    /// The stream announced a change of `key` now (only `created`, `updated` and `deleted` events
+    /// naming a key count: an event without one proves nothing about any key).
+    pub fn note(&self, key: &str) {
         let now = Instant::now();
         let mut a = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match key {
-            None => a.any = Some(now),
-            Some(k) => {
-                if let Some(at) = a.keys.get_mut(k) {
-                    *at = now;
-                } else if a.keys.len() < MAX_ANNOUNCED {
-                    a.keys.insert(k.to_owned(), now);
-                }
-            }
+        if let Some(at) = a.keys.get_mut(key) {
+            *at = now;
+        } else if a.keys.len() < MAX_ANNOUNCED {
+            a.keys.insert(key.to_owned(), now);
         }
     }
 
-    /// Which of `changed` were not announced at or after `since`; forgets announcements older than
-    /// `forget_before`.
-    fn unannounced(
-        &self,
-        changed: &BTreeSet<String>,
-        since: Instant,
-        forget_before: Instant,
-    ) -> usize {
+    /// The stream has a new subscription (possibly on another worker of the server).
+    pub fn reconnected(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).reconnected = true;
+    }
+
+    fn take_reconnected(&self) -> bool {
+        std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()).reconnected)
+    }
+
+    /// How many of `changed` were not announced at or after `since`; forgets announcements older
+    /// than `since`.
+    fn unannounced(&self, changed: &BTreeSet<String>, since: Instant) -> usize {
         let mut a = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let missed = if a.any.is_some_and(|t| t >= since) {
-            0
-        } else {
-            changed
-                .iter()
-                .filter(|k| a.keys.get(*k).is_none_or(|t| *t < since))
-                .count()
-        };
-        a.keys.retain(|_, t| *t >= forget_before);
-        if a.any.is_some_and(|t| t < forget_before) {
-            a.any = None;
-        }
+        let missed = changed
+            .iter()
+            .filter(|k| a.keys.get(*k).is_none_or(|t| *t < since))
+            .count();
+        a.keys.retain(|_, t| *t >= since);
         missed
     }
 }
@@ -174,6 +187,12 @@ impl Cadence {
     pub fn current(&self) -> Duration {
         self.current
     }
+
+    /// Back to the minimum, trust to be earned again (the stream reconnected).
+    pub fn reset(&mut self) {
+        self.heard_in_a_row = 0;
+        self.current = self.min;
+    }
 }
 
 /// The metadata of the selected entries, by key.
@@ -214,7 +233,10 @@ pub async fn run(
     let mut cadence = Cadence::new(options.min_interval, options.max_interval);
     let mut failures = Backoff::new(options.retry_initial, options.retry_max, 2.0);
     let mut known: Option<Fingerprint> = None;
+    // Whether the loop was last told `Working` (false: `NotWorking`, or nothing yet).
+    let mut working = false;
     let mut told_unavailable = false;
+    let mut last_warning: Option<Instant> = None;
     let mut previous_poll: Option<Instant> = None;
     let mut delay = Duration::ZERO;
     telemetry.set_detector_state("starting", None);
@@ -228,6 +250,16 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             r = client.entry_metadata(&environment) => r,
         };
+        let answered = Instant::now();
+        let polled = match polled {
+            // Once the route has answered, a 404 is a failure like any other (a proxy, a rolling
+            // deploy), not a server without the route.
+            Ok(None) if known.is_some() => Err("the server answered 404 to GET /cluster/configs, \
+                                                 which answered before"
+                .to_owned()),
+            Err(e) => Err(e.to_string()),
+            Ok(rows) => Ok(rows),
+        };
         match polled {
             Ok(Some(rows)) => {
                 failures.reset();
@@ -235,13 +267,13 @@ pub async fn run(
                     told_unavailable = false;
                     info!("change detector: GET /cluster/configs answers again");
                 }
+                if announcements.take_reconnected() {
+                    cadence.reset();
+                }
                 let current = fingerprint(rows, &options.filter);
                 let verdict = match &known {
                     None => {
                         debug!(entries = current.len(), "change detector: baseline taken");
-                        if events.send(DetectorEvent::Baseline).is_err() {
-                            return;
-                        }
                         Verdict::Quiet
                     }
                     Some(old) => {
@@ -254,17 +286,25 @@ pub async fn run(
                                 _ = cancel.cancelled() => return,
                                 _ = tokio::time::sleep(ANNOUNCE_GRACE) => {}
                             }
-                            let since = previous_poll.unwrap_or(started) - ANNOUNCE_GRACE;
-                            let missed = announcements.unannounced(&changed, since, since);
+                            let since = previous_poll
+                                .unwrap_or(started)
+                                .checked_sub(ANNOUNCE_GRACE)
+                                .unwrap_or(started);
+                            let missed = announcements.unannounced(&changed, since);
                             telemetry.on_detector_change(missed > 0);
+                            debug!(
+                                changed = changed.len(),
+                                missed, "change detector: entries changed"
+                            );
+                            let event = DetectorEvent::Changed {
+                                answered,
+                                keys: changed.len(),
+                                missed: missed > 0,
+                            };
+                            if events.send(event).is_err() {
+                                return;
+                            }
                             if missed > 0 {
-                                debug!(
-                                    changed = changed.len(),
-                                    missed, "change detector: changes the stream did not announce"
-                                );
-                                if events.send(DetectorEvent::Missed { keys: missed }).is_err() {
-                                    return;
-                                }
                                 Verdict::Missed
                             } else {
                                 Verdict::Heard
@@ -272,8 +312,19 @@ pub async fn run(
                         }
                     }
                 };
+                if verdict == Verdict::Quiet {
+                    // Keep the announcements of this window only.
+                    let since = started.checked_sub(ANNOUNCE_GRACE).unwrap_or(started);
+                    announcements.unannounced(&BTreeSet::new(), since);
+                }
                 known = Some(current);
                 previous_poll = Some(started);
+                if !working {
+                    working = true;
+                    if events.send(DetectorEvent::Working { answered }).is_err() {
+                        return;
+                    }
+                }
                 delay = cadence.after(verdict);
                 telemetry.set_detector_state("polling", None);
                 telemetry.on_detector_poll("ok", delay);
@@ -294,16 +345,17 @@ pub async fn run(
                     Some("the server answered 404 to GET /cluster/configs".into()),
                 );
                 telemetry.on_detector_poll("unavailable", UNAVAILABLE_RECHECK);
-                if events.send(DetectorEvent::Unavailable).is_err() {
+                working = false;
+                if events.send(DetectorEvent::NotWorking).is_err() {
                     return;
                 }
-                // A later answer is compared with what was known before, not taken as a new baseline.
                 delay = jittered(UNAVAILABLE_RECHECK);
             }
-            Err(e) => {
+            Err(reason) => {
                 let retry = failures.next_delay();
-                let reason = e.to_string();
-                if failures.attempts() == 1 {
+                let now = Instant::now();
+                if last_warning.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                    last_warning = Some(now);
                     warn!(
                         retry_in_ms = retry.as_millis() as u64,
                         "change detector: {}",
@@ -319,8 +371,14 @@ pub async fn run(
                 }
                 telemetry.set_detector_state("failing", Some(reason));
                 telemetry.on_detector_poll("error", retry);
-                if known.is_none() && events.send(DetectorEvent::Unavailable).is_err() {
-                    return;
+                // Not working: before any answer at once (the start need not wait), later after a
+                // few failures in a row (the loop then shortens its resync).
+                let report = known.is_none() || (working && failures.attempts() >= FAILING_AFTER);
+                if report {
+                    working = false;
+                    if events.send(DetectorEvent::NotWorking).is_err() {
+                        return;
+                    }
                 }
                 delay = retry;
             }
@@ -423,18 +481,20 @@ mod tests {
     fn announcements_count_only_since_the_previous_poll_and_stay_bounded() {
         let a = Announcements::default();
         let t0 = Instant::now();
-        a.note(Some("x"));
+        a.note("x");
         let changed: BTreeSet<String> = ["x".to_owned(), "y".to_owned()].into();
-        assert_eq!(a.unannounced(&changed, t0, t0), 1, "y was not announced");
-        // Announced before `since`: does not count.
+        assert_eq!(a.unannounced(&changed, t0), 1, "y was not announced");
+        // Announced before `since`: does not count, and is forgotten.
         let later = Instant::now() + Duration::from_millis(1);
-        assert_eq!(a.unannounced(&changed, later, later), 2);
-        // A keyless event announces everything.
-        a.note(None);
-        assert_eq!(a.unannounced(&changed, t0, t0), 0);
+        assert_eq!(a.unannounced(&changed, later), 2);
+        assert!(a.0.lock().expect("lock").keys.is_empty());
         for i in 0..MAX_ANNOUNCED + 10 {
-            a.note(Some(&format!("k{i}")));
+            a.note(&format!("k{i}"));
         }
         assert!(a.0.lock().expect("lock").keys.len() <= MAX_ANNOUNCED);
+        // A reconnect is reported once.
+        a.reconnected();
+        assert!(a.take_reconnected());
+        assert!(!a.take_reconnected());
     }
 }
