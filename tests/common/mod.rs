@@ -983,3 +983,57 @@ pub fn usable_signals(status: &str, field: &str) -> Vec<i32> {
         .filter(|s| mask & (1u64 << (s - 1)) != 0)
         .collect()
 }
+
+// ---- Tests that need a cluster: reported as ignored (with the reason) when there is none ----
+
+/// One async test of a `harness = false` test binary (see [`run_cluster_tests`]).
+pub type AsyncTest = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// `async_tests![a, b]`: the named `async fn`s as `(name, AsyncTest)` pairs.
+#[macro_export]
+macro_rules! async_tests {
+    ($($name:ident),* $(,)?) => {
+        vec![$((stringify!($name), (|| Box::pin($name())) as $crate::common::AsyncTest)),*]
+    };
+}
+
+/// Why tests that need a Kubernetes cluster cannot run here (`$KUBECONFIG` unset), or `None`.
+/// With `OSC_REQUIRE_KUBE=1` (CI) a missing cluster is a failure, never a skip.
+pub fn missing_cluster() -> Option<String> {
+    if std::env::var_os("KUBECONFIG").is_some() {
+        return None;
+    }
+    assert!(
+        std::env::var_os("OSC_REQUIRE_KUBE").is_none(),
+        "OSC_REQUIRE_KUBE is set but $KUBECONFIG is not"
+    );
+    Some("$KUBECONFIG is not set: start a cluster with .ci/k8s-env.sh up (CI does)".into())
+}
+
+/// The `main` of a test binary with `harness = false`: libtest's command line (filters, `--list`,
+/// `--include-ignored`, `--test-threads`) through `libtest_mimic`, each test on its own runtime. When
+/// `skip` holds a reason, every test shows as **ignored** in the summary and the reason is printed once,
+/// instead of tests that pass in 0.00 s without doing anything.
+pub fn run_tests(skip: Option<String>, tests: Vec<(&'static str, AsyncTest)>) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    if let Some(reason) = &skip
+        && !args.list
+    {
+        eprintln!("ignored ({} tests): {reason}", tests.len());
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot build a runtime: {e}"))?
+                    .block_on(test());
+                Ok(())
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
