@@ -4,10 +4,13 @@
 //!
 //! - `helm lint --strict` and `helm template` over every values file in `charts/osc-agent/ci/`;
 //! - every rendered document and every manifest validated with `kubernetes-validate --strict` against
-//!   Kubernetes 1.29 (an unknown kind fails; only the ServiceMonitor CRD, which has no built-in schema, is
-//!   exempt and named);
+//!   Kubernetes 1.29 (an unknown kind fails; only the Prometheus Operator kinds, which have no built-in
+//!   schema, are exempt and named);
 //! - every osc-agent container's arguments accepted by `osc-agent check --skip-files`;
-//! - what the values asked for is what is rendered (RBAC, capabilities, volumes, sidecar style).
+//! - what the values asked for is what is rendered (RBAC, capabilities, volumes, sidecar style), and what
+//!   `values.schema.json` or the templates refuse (misspelt or misplaced values fail `helm template` and
+//!   `helm install`, with a message naming them);
+//! - the named templates used from another chart (`tests/fixtures/helm-parent`).
 //!
 //! Without the tools these tests print SKIPPED (a plain local `cargo test`), unless `OSC_REQUIRE_KUBE` is
 //! set, as in CI.
@@ -19,6 +22,10 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_osc-agent");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// Kinds of the Prometheus Operator: no built-in schema, and not installable on a bare API server.
+const CRD_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
+/// The Kubernetes version charts are rendered for (and validated against) unless a test says otherwise.
+const KUBE: &str = "1.29.0";
 
 struct Tools {
     helm: PathBuf,
@@ -87,7 +94,13 @@ fn validate(t: &Tools, file: &Path) {
         .lines()
         .filter(|l| !l.starts_with("INFO"))
         .filter(|l| !l.trim().is_empty())
-        .filter(|l| !l.contains("Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1"))
+        .filter(|l| {
+            !CRD_KINDS.iter().any(|k| {
+                l.contains(&format!(
+                    "Couldn't find schema for kind {k} with api version monitoring.coreos.com/v1"
+                ))
+            })
+        })
         .collect();
     assert!(
         out.status.success() && bad.is_empty(),
@@ -169,7 +182,14 @@ fn values_files() -> Vec<PathBuf> {
 
 fn render(t: &Tools, values: &Path) -> String {
     run(Command::new(&t.helm)
-        .args(["template", "rel", "--namespace", "my-app"])
+        .args([
+            "template",
+            "rel",
+            "--namespace",
+            "my-app",
+            "--kube-version",
+            KUBE,
+        ])
         .arg(chart())
         .arg("-f")
         .arg(values))
@@ -219,11 +239,11 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let files = values_files();
-    assert!(files.len() >= 11, "the values matrix: {files:?}");
+    assert!(files.len() >= 15, "the values matrix: {files:?}");
     for values in &files {
         let name = values.file_name().unwrap().to_string_lossy().into_owned();
         run(Command::new(&t.helm)
-            .args(["lint", "--strict"])
+            .args(["lint", "--strict", "--kube-version", KUBE])
             .arg(chart())
             .arg("-f")
             .arg(values));
@@ -241,6 +261,9 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
         let native = spec["initContainers"][0]["restartPolicy"] == "Always";
         let sidecar = if native {
             container(spec, "initContainers", "osc-agent")
+        } else if name.starts_with("init-only") {
+            // No sidecar: the --once init container carries the common settings.
+            container(spec, "initContainers", "osc-agent-init")
         } else {
             container(spec, "containers", "osc-agent")
         };
@@ -258,21 +281,25 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
             json!({"memory": "64Mi"}),
             "{name}"
         );
-        assert_eq!(
-            sidecar["livenessProbe"]["httpGet"]["path"], "/healthz",
-            "{name}"
-        );
-        assert_eq!(
-            sidecar["readinessProbe"]["httpGet"]["path"], "/readyz",
-            "{name}"
-        );
+        if !name.starts_with("init-only") {
+            assert_eq!(
+                sidecar["livenessProbe"]["httpGet"]["path"], "/healthz",
+                "{name}"
+            );
+            assert_eq!(
+                sidecar["readinessProbe"]["httpGet"]["path"], "/readyz",
+                "{name}"
+            );
+        }
         let sidecar_args = args_of(sidecar);
         let has_api = !find(&docs, "Role").is_empty();
-        assert_eq!(
-            spec["automountServiceAccountToken"],
-            json!(has_api),
-            "{name}"
-        );
+        if name != "pod-options-values.yaml" {
+            assert_eq!(
+                spec["automountServiceAccountToken"],
+                json!(has_api),
+                "{name}"
+            );
+        }
         let rules = role_resources(&docs);
 
         match name.as_str() {
@@ -458,6 +485,37 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
                 );
                 assert_eq!(find(&docs, "ServiceMonitor").len(), 1, "{name}");
             }
+            "app-wiring-values.yaml" => {
+                let app = container(spec, "containers", "app");
+                assert_eq!(
+                    app["envFrom"][0],
+                    json!({"secretRef": {"name": "app-config"}}),
+                    "{name}"
+                );
+                assert_eq!(app["readinessProbe"]["httpGet"]["path"], "/ready", "{name}");
+                assert!(rules.contains(&"secrets:get,patch".to_owned()), "{name}");
+            }
+            "pod-options-values.yaml" => {
+                assert_eq!(
+                    find(&docs, "Deployment")[0]["metadata"]["name"],
+                    "web-config"
+                );
+                assert_eq!(find(&docs, "PodDisruptionBudget").len(), 1, "{name}");
+                assert_eq!(spec["automountServiceAccountToken"], true, "{name}");
+                assert!(!has_api, "{name}");
+            }
+            "monitoring-values.yaml" => {
+                for kind in CRD_KINDS {
+                    assert_eq!(find(&docs, kind).len(), 1, "{name}: {kind}");
+                }
+            }
+            "init-only-values.yaml" => {
+                assert_eq!(args_of(sidecar)[0], "--once", "{name}");
+                assert!(
+                    agent_containers(spec).len() == 1,
+                    "{name}: no sidecar: {spec}"
+                );
+            }
             other => panic!("add expectations for {other}"),
         }
     }
@@ -605,5 +663,1048 @@ fn chart_and_manifests_install_on_a_real_api_server() {
     get("job", "my-migration");
     let role = get("role", "osc-agent-secret-sink");
     assert_eq!(role["rules"][1]["resourceNames"], json!(["app-config"]));
+    kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+}
+
+/// Values every targeted render starts from (a server, an environment, an existing credentials Secret).
+const BASE: &str = "server: {url: \"https://osc.example:9000\"}\nenvironment: production\n\
+                    credentials: {existingSecret: osc-credentials}\n";
+
+/// `helm template` of `chart_dir` for Kubernetes `kube` with `values` (YAML text, after the chart's own
+/// values): the rendered text, or helm's error.
+fn try_template(t: &Tools, chart_dir: &Path, values: &str, kube: &str) -> Result<String, String> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), values).unwrap();
+    let out = Command::new(&t.helm)
+        .args([
+            "template",
+            "rel",
+            "--namespace",
+            "my-app",
+            "--kube-version",
+            kube,
+        ])
+        .arg(chart_dir)
+        .arg("-f")
+        .arg(file.path())
+        .output()
+        .expect("helm");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The chart rendered with BASE and `extra`, for Kubernetes `kube`; its documents, each validated (when
+/// `kube` has schemas) and every agent container checked.
+fn render_with(t: &Tools, extra: &str, kube: &str) -> Vec<Value> {
+    let text = try_template(t, &chart(), &format!("{BASE}{extra}"), kube)
+        .unwrap_or_else(|e| panic!("helm template with\n{extra}\nfailed:\n{e}"));
+    let d = docs(&text);
+    if kube == KUBE {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &text).unwrap();
+        validate(t, file.path());
+    }
+    check_all_agents(extra, &d);
+    d
+}
+
+/// helm's error for the chart with BASE and `extra` (which must be refused).
+fn refused(t: &Tools, extra: &str, kube: &str) -> String {
+    match try_template(t, &chart(), &format!("{BASE}{extra}"), kube) {
+        Ok(text) => panic!("helm template accepted\n{extra}\nrendering:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn container_names(spec: &Value, list: &str) -> Vec<String> {
+    spec[list]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| c["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_schema_refuses_misspelt_and_misplaced_values() {
+    let Some(t) = tools("the_schema_refuses_misspelt_and_misplaced_values") else {
+        return;
+    };
+    // (values, what the error must name)
+    let cases = [
+        ("replicas: 2\n", "replicas"),
+        ("output: {mdoe: secret}\n", "mdoe"),
+        ("output: {mode: file}\n", "output.mode"),
+        ("logFormat: xml\n", "logFormat"),
+        ("nativeSidecar: \"yes\"\n", "nativeSidecar"),
+        ("app: {envfrom: []}\n", "envfrom"),
+        (
+            "serviceMonitor: {enabled: true, intervall: 1m}\n",
+            "intervall",
+        ),
+        (
+            "prometheusRule: {disabledAlerts: [OscAgentNotReadyy]}\n",
+            "disabledAlerts",
+        ),
+        (
+            "output: {aggregates: [{name: app.env, format: env}]}\n",
+            "format",
+        ),
+        ("output: {fileMode: \"0999\"}\n", "fileMode"),
+        ("serviceAccount: {automount: \"no\"}\n", "automount"),
+        ("extraArgs: [\"stale-after=5m\"]\n", "extraArgs"),
+        // Actions: unknown type, a field of another type or misspelt, a bad value, two selectors.
+        ("actions: [{type: reload}]\n", "actions.0.type"),
+        ("actions: [{process: nginx}]\n", "type"),
+        (
+            "actions: [{type: http, url: \"http://127.0.0.1:8080/r\", expect_status: 200}]\n",
+            "expect_status",
+        ),
+        ("actions: [{type: signal, proces: nginx}]\n", "proces"),
+        (
+            "actions: [{type: signal, process: nginx, grace: 5s}]\n",
+            "grace",
+        ),
+        (
+            "actions: [{type: signal, process: nginx, signal: HUPP}]\n",
+            "actions.0.signal",
+        ),
+        (
+            "actions: [{type: signal, process: nginx, cmdline: nginx}]\n",
+            "one and only one",
+        ),
+        ("actions: [{type: restart-container}]\n", "one and only one"),
+        (
+            "actions: [{type: http, url: \"127.0.0.1:8080/r\"}]\n",
+            "actions.0.url",
+        ),
+        (
+            "actions: [{type: http, url: \"http://x/r\", retries: many}]\n",
+            "actions.0.retries",
+        ),
+        (
+            "actions: [{type: http, url: \"http://x/r\", timeout: 5 seconds}]\n",
+            "actions.0.timeout",
+        ),
+        (
+            "actions: [{type: exec, command: \"/bin/reload --only=a,b\"}]\n",
+            "actions.0.command",
+        ),
+        (
+            "actions: [{type: exec, command: []}]\n",
+            "actions.0.command",
+        ),
+        ("actions: [{type: exec}]\n", "command"),
+        (
+            "actions: [{type: rollout-restart, deployment: web}]\n",
+            "deployment",
+        ),
+        (
+            "runMode: init-only\nactions: [{type: rollout-restart}]\n",
+            "actions",
+        ),
+        ("runMode: sidecars\n", "runMode"),
+    ];
+    for (values, named) in cases {
+        let err = refused(&t, values, KUBE);
+        assert!(
+            err.contains("schema") && err.contains(named),
+            "{values}: the error should be the schema's, naming {named}:\n{err}"
+        );
+    }
+    // Combinations the templates refuse, with messages naming the values.
+    let err = refused(
+        &t,
+        "serviceMonitor: {enabled: true}\nadmin: {address: 127.0.0.1}\n",
+        KUBE,
+    );
+    assert!(
+        err.contains("serviceMonitor/podMonitor: nothing to scrape"),
+        "{err}"
+    );
+    let err = refused(
+        &t,
+        "podDisruptionBudget: {minAvailable: 1, maxUnavailable: 1}\nreplicaCount: 2\n",
+        KUBE,
+    );
+    assert!(err.contains("not both"), "{err}");
+    let err = refused(
+        &t,
+        "serviceAccount: {create: false}\noutput: {mode: secret}\n",
+        KUBE,
+    );
+    assert!(err.contains("serviceAccount.name"), "{err}");
+    let err = refused(
+        &t,
+        "serviceAccount: {automount: false}\noutput: {mode: secret}\n",
+        KUBE,
+    );
+    assert!(err.contains("serviceAccount.automount is false"), "{err}");
+    let err = refused(&t, "runMode: init-only\napp: {enabled: false}\n", KUBE);
+    assert!(err.contains("app.enabled"), "{err}");
+}
+
+/// Every field the schema allows for an action reaches the agent as a flag it accepts.
+#[test]
+fn every_action_field_the_schema_allows_is_accepted_by_the_agent() {
+    let Some(t) = tools("every_action_field_the_schema_allows_is_accepted_by_the_agent") else {
+        return;
+    };
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .unwrap();
+    let actions = "actions:\n\
+        - {type: signal, pidfile: /run/app.pid, signal: USR1}\n\
+        - {type: signal, cmdline: \"nginx: master\", signal: 1}\n\
+        - {type: signal, process: nginx}\n\
+        - {type: restart-container, process: java, grace: 1.5s}\n\
+        - {type: restart-container, cmdline: \"java .*app.jar\"}\n\
+        - {type: restart-container, pidfile: /run/java.pid}\n\
+        - {type: http, url: \"https://127.0.0.1:8443/-/reload\", method: put, expect-status: 204, timeout: 2s, retries: 0}\n\
+        - {type: exec, command: [/bin/reload, --graceful], timeout: 30}\n\
+        - {type: rollout-restart}\n";
+    let given: Vec<Value> = serde_saphyr::from_str::<Value>(actions).unwrap()["actions"]
+        .as_array()
+        .unwrap()
+        .clone();
+    // The example above uses every field of every type the schema knows.
+    for rule in schema["properties"]["actions"]["items"]["allOf"]
+        .as_array()
+        .unwrap()
+    {
+        let kind = rule["if"]["properties"]["type"]["const"].as_str().unwrap();
+        for field in rule["then"]["properties"].as_object().unwrap().keys() {
+            assert!(
+                given
+                    .iter()
+                    .any(|a| a["type"] == kind && !a[field.as_str()].is_null()),
+                "the example misses the {kind} field {field}"
+            );
+        }
+    }
+    let docs = render_with(&t, actions, KUBE);
+    let spec = deployment(&docs);
+    let args = args_of(container(spec, "containers", "osc-agent"));
+    assert!(
+        args.contains(&"--action=http:expect-status=204,method=put,retries=0,timeout=2s,url=https://127.0.0.1:8443/-/reload".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--action=exec:command=/bin/reload --graceful,timeout=30".to_owned()),
+        "{args:?}"
+    );
+}
+
+#[test]
+fn native_sidecar_needs_kubernetes_1_29() {
+    let Some(t) = tools("native_sidecar_needs_kubernetes_1_29") else {
+        return;
+    };
+    for old in ["1.20.2", "1.28.9"] {
+        let err = refused(&t, "nativeSidecar: true\n", old);
+        assert!(
+            err.contains("nativeSidecar: true needs Kubernetes >= 1.29")
+                && err.contains(&format!("v{old}"))
+                && err.contains("nativeSidecar: false"),
+            "{old}: {err}"
+        );
+    }
+    for new in ["1.29.0", "1.31.1"] {
+        let docs = render_with(&t, "nativeSidecar: true\n", new);
+        let spec = deployment(&docs);
+        assert_eq!(container_names(spec, "initContainers"), ["osc-agent"]);
+        assert_eq!(
+            container(spec, "initContainers", "osc-agent")["restartPolicy"],
+            "Always"
+        );
+        assert_eq!(container_names(spec, "containers"), ["app"]);
+    }
+    // Without native sidecars, any version renders.
+    let docs = render_with(&t, "", "1.20.2");
+    assert_eq!(
+        container_names(deployment(&docs), "initContainers"),
+        ["osc-agent-init"]
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// tests/fixtures/helm-parent with charts/osc-agent copied in as its dependency (what `helm dependency
+/// update` would do, without a repository).
+fn parent_chart(dir: &Path) -> PathBuf {
+    let parent = dir.join("web");
+    copy_dir(&Path::new(ROOT).join("tests/fixtures/helm-parent"), &parent);
+    copy_dir(&chart(), &parent.join("charts/osc-agent"));
+    parent
+}
+
+fn chart_yaml(dir: &Path) -> Value {
+    serde_saphyr::from_str(&std::fs::read_to_string(dir.join("Chart.yaml")).unwrap()).unwrap()
+}
+
+#[test]
+fn named_templates_work_from_a_parent_chart() {
+    let Some(t) = tools("named_templates_work_from_a_parent_chart") else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let parent = parent_chart(scratch.path());
+    run(Command::new(&t.helm)
+        .args(["lint", "--strict", "--kube-version", KUBE])
+        .arg(&parent));
+    let app_version = chart_yaml(&chart())["appVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let helpers = std::fs::read_to_string(chart().join("templates/_helpers.tpl")).unwrap();
+    assert!(
+        helpers.contains(&format!(
+            "define \"osc-agent.defaultTag\" -}}}}\n{app_version}\n"
+        )),
+        "osc-agent.defaultTag must equal Chart.yaml's appVersion {app_version}"
+    );
+    assert_ne!(chart_yaml(&parent)["appVersion"], json!(app_version));
+
+    let text = try_template(&t, &parent, "", KUBE).unwrap();
+    let file = scratch.path().join("parent.yaml");
+    std::fs::write(&file, &text).unwrap();
+    validate(&t, &file);
+    let docs = docs(&text);
+    assert_eq!(check_all_agents("parent chart", &docs), 2);
+    // Only the parent's Deployment: the subchart deploys no agent, Service or test of its own.
+    let kinds: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("Secret", "rel-osc-agent-credentials"),
+            ("ConfigMap", "rel-osc-agent-templates"),
+            ("Deployment", "rel-web"),
+        ],
+        "{text}"
+    );
+    let spec = deployment(&docs);
+    assert_eq!(container_names(spec, "initContainers"), ["osc-agent-init"]);
+    assert_eq!(container_names(spec, "containers"), ["web", "osc-agent"]);
+    for c in agent_containers(spec) {
+        assert_eq!(
+            c["image"],
+            format!("ghcr.io/osc-agent/osc-agent:{app_version}"),
+            "the agent's tag, not the parent's appVersion nor latest"
+        );
+    }
+    assert_eq!(spec["shareProcessNamespace"], true, "a signal action");
+    let web = container(spec, "containers", "web");
+    assert_eq!(
+        web["volumeMounts"],
+        json!([{"name": "osc-agent-output", "mountPath": "/config", "readOnly": true}])
+    );
+    let volumes: Vec<&str> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        volumes,
+        [
+            "osc-agent-credentials",
+            "osc-agent-output",
+            "osc-agent-templates"
+        ]
+    );
+    let annotations = &find(&docs, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"];
+    assert!(
+        annotations["checksum/osc-agent-templates"].is_string(),
+        "{annotations}"
+    );
+
+    // The switch is what keeps the standalone agent out.
+    let both = docs_of(try_template(
+        &t,
+        &parent,
+        "osc-agent: {standalone: {enabled: true}}\n",
+        KUBE,
+    ));
+    assert_eq!(find(&both, "Deployment").len(), 2);
+    // The version check reaches the parent's pods too (it passes .Capabilities).
+    let err =
+        try_template(&t, &parent, "osc-agent: {nativeSidecar: true}\n", "1.28.0").unwrap_err();
+    assert!(
+        err.contains("nativeSidecar: true needs Kubernetes >= 1.29"),
+        "{err}"
+    );
+    let native = docs_of(try_template(
+        &t,
+        &parent,
+        "osc-agent: {nativeSidecar: true}\n",
+        KUBE,
+    ));
+    let spec = deployment(&native);
+    assert_eq!(container_names(spec, "initContainers"), ["osc-agent"]);
+    assert_eq!(container_names(spec, "containers"), ["web"]);
+    // The subchart's schema guards the parent's values for it.
+    let err = try_template(
+        &t,
+        &parent,
+        "osc-agent: {actions: [{type: signal, proccess: web}]}\n",
+        KUBE,
+    )
+    .unwrap_err();
+    assert!(err.contains("proccess"), "{err}");
+}
+
+fn docs_of(rendered: Result<String, String>) -> Vec<Value> {
+    docs(&rendered.unwrap_or_else(|e| panic!("helm template failed:\n{e}")))
+}
+
+#[test]
+fn the_app_container_is_wired_to_the_output() {
+    let Some(t) = tools("the_app_container_is_wired_to_the_output") else {
+        return;
+    };
+    let docs = render_with(
+        &t,
+        &std::fs::read_to_string(chart().join("ci/app-wiring-values.yaml")).unwrap(),
+        KUBE,
+    );
+    let spec = deployment(&docs);
+    // The agent's init container first: the migration reads the synced values.
+    assert_eq!(
+        container_names(spec, "initContainers"),
+        ["osc-agent-init", "migrate"]
+    );
+    assert_eq!(
+        container_names(spec, "containers"),
+        ["app", "osc-agent", "log-shipper"]
+    );
+    let app = container(spec, "containers", "app");
+    assert_eq!(
+        app["envFrom"],
+        json!([{"secretRef": {"name": "app-config"}},
+               {"configMapRef": {"name": "app-defaults", "optional": true}}])
+    );
+    assert_eq!(
+        app["volumeMounts"],
+        json!([{"name": "osc-agent-output", "mountPath": "/etc/app-config", "readOnly": true},
+               {"name": "scratch", "mountPath": "/tmp"}])
+    );
+    assert_eq!(app["livenessProbe"]["periodSeconds"], 10);
+    assert_eq!(app["startupProbe"]["tcpSocket"]["port"], "http");
+    let volumes = spec["volumes"].as_array().unwrap();
+    let output = volumes
+        .iter()
+        .find(|v| v["name"] == "osc-agent-output")
+        .unwrap();
+    assert_eq!(
+        output["secret"],
+        json!({"secretName": "app-config", "defaultMode": 288, "optional": true})
+    );
+    assert!(volumes.iter().any(|v| v["name"] == "scratch"));
+
+    // ConfigMap mode, envFrom only (no volume unless appMountPath).
+    let docs = render_with(&t, "output: {mode: configmap}\n", KUBE);
+    let spec = deployment(&docs);
+    let app = container(spec, "containers", "app");
+    assert_eq!(
+        app["envFrom"],
+        json!([{"configMapRef": {"name": "rel-osc-agent"}}])
+    );
+    assert!(app["volumeMounts"].is_null(), "{app}");
+    assert!(
+        !spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "osc-agent-output")
+    );
+    // Neither, when asked.
+    let docs = render_with(&t, "output: {mode: secret, appEnvFrom: false}\n", KUBE);
+    assert!(container(deployment(&docs), "containers", "app")["envFrom"].is_null());
+    // Files mode: the shared volume plus the app's own mounts, the app's env untouched.
+    let docs = render_with(
+        &t,
+        "app: {extraVolumeMounts: [{name: cache, mountPath: /cache}], envFrom: [{secretRef: {name: other}}]}\n\
+         extraVolumes: [{name: cache, emptyDir: {}}]\n",
+        KUBE,
+    );
+    let app = container(deployment(&docs), "containers", "app");
+    assert_eq!(
+        app["volumeMounts"],
+        json!([{"name": "osc-agent-output", "mountPath": "/config", "readOnly": true},
+               {"name": "cache", "mountPath": "/cache"}])
+    );
+    assert_eq!(app["envFrom"], json!([{"secretRef": {"name": "other"}}]));
+}
+
+#[test]
+fn pod_options_names_and_the_disruption_budget() {
+    let Some(t) = tools("pod_options_names_and_the_disruption_budget") else {
+        return;
+    };
+    let opts = std::fs::read_to_string(chart().join("ci/pod-options-values.yaml")).unwrap();
+    let docs = render_with(&t, &opts, KUBE);
+    let dep = named(&docs, "Deployment", "web-config");
+    assert_eq!(
+        dep["spec"]["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
+    );
+    let pod = &dep["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["team"], "payments");
+    assert_eq!(
+        pod["metadata"]["labels"]["app.kubernetes.io/name"],
+        "osc-agent"
+    );
+    let spec = &pod["spec"];
+    assert_eq!(spec["priorityClassName"], "high-priority");
+    assert_eq!(spec["serviceAccountName"], "web-config-agent");
+    assert_eq!(spec["automountServiceAccountToken"], true);
+    assert_eq!(
+        spec["topologySpreadConstraints"][0]["labelSelector"],
+        json!({"matchLabels": {"app.kubernetes.io/name": "osc-agent", "app.kubernetes.io/instance": "rel"}}),
+        "the pods' own labels by default"
+    );
+    let sa = named(&docs, "ServiceAccount", "web-config-agent");
+    assert_eq!(sa["metadata"]["annotations"]["example.com/role"], "reader");
+    let pdb = named(&docs, "PodDisruptionBudget", "web-config");
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        dep["spec"]["selector"]["matchLabels"]
+    );
+    // Kubernetes 1.20 has policy/v1beta1 only (installed for real in the API server test).
+    let old = render_with(&t, &opts, "1.20.2");
+    assert_eq!(
+        named(&old, "PodDisruptionBudget", "web-config")["apiVersion"],
+        "policy/v1beta1"
+    );
+    // One replica: no budget (it would block every drain).
+    let one = render_with(&t, &format!("{opts}replicaCount: 1\n"), KUBE);
+    assert!(find(&one, "PodDisruptionBudget").is_empty());
+    // Default budget: minAvailable 1.
+    let two = render_with(&t, "replicaCount: 3\n", KUBE);
+    assert_eq!(
+        find(&two, "PodDisruptionBudget")[0]["spec"]["minAvailable"],
+        1
+    );
+
+    // nameOverride: names and the name label.
+    let docs = render_with(&t, "nameOverride: cfg\n", KUBE);
+    let dep = named(&docs, "Deployment", "rel-cfg");
+    assert_eq!(
+        dep["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "cfg"
+    );
+    named(&docs, "Service", "rel-cfg");
+
+    // ServiceAccount: created only when used; an existing one is referenced, not created.
+    let files = render_with(&t, "", KUBE);
+    assert!(find(&files, "ServiceAccount").is_empty());
+    assert!(deployment(&files)["serviceAccountName"].is_null());
+    let existing = render_with(
+        &t,
+        "output: {mode: secret}\nserviceAccount: {create: false, name: shared}\n",
+        KUBE,
+    );
+    assert!(find(&existing, "ServiceAccount").is_empty());
+    assert_eq!(deployment(&existing)["serviceAccountName"], "shared");
+    assert_eq!(
+        find(&existing, "RoleBinding")[0]["subjects"][0]["name"],
+        "shared"
+    );
+    assert_eq!(deployment(&existing)["automountServiceAccountToken"], true);
+    let created = render_with(&t, "output: {mode: secret}\n", KUBE);
+    named(&created, "ServiceAccount", "rel-osc-agent");
+}
+
+/// The pods roll when a template changes (`helm upgrade` with new templates), not otherwise.
+#[test]
+fn a_template_change_changes_the_pod_template() {
+    let Some(t) = tools("a_template_change_changes_the_pod_template") else {
+        return;
+    };
+    let annotation = |templates: &str| -> Option<String> {
+        let docs = render_with(&t, templates, KUBE);
+        find(&docs, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"]
+            ["checksum/osc-agent-templates"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let a = annotation("templates: {app.conf: \"port={{ config['port'] }}\\n\"}\n").unwrap();
+    let a2 = annotation("templates: {app.conf: \"port={{ config['port'] }}\\n\"}\n").unwrap();
+    let b = annotation("templates: {app.conf: \"port = {{ config['port'] }}\\n\"}\n").unwrap();
+    assert_eq!(a, a2, "stable for the same templates");
+    assert_ne!(a, b, "changes with the templates");
+    assert_eq!(annotation(""), None, "no templates, no annotation");
+    // A user's own pod annotations stay.
+    let docs = render_with(
+        &t,
+        "templates: {a: b}\npodAnnotations: {example.com/x: \"y\"}\n",
+        KUBE,
+    );
+    let ann = &find(&docs, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(ann["example.com/x"], "y");
+    assert!(ann["checksum/osc-agent-templates"].is_string());
+}
+
+/// Every metric name an alert uses is one the agent exports.
+fn assert_metrics_exist(expr: &str) {
+    let sources: String = ["src/telemetry.rs"]
+        .iter()
+        .map(|f| std::fs::read_to_string(Path::new(ROOT).join(f)).unwrap())
+        .collect();
+    let mut rest = expr;
+    while let Some(i) = rest.find("osc_agent_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = name.trim_end_matches("_total");
+        assert!(
+            sources.contains(&format!("\"{base}\"")),
+            "{expr}: {name} is not a metric of the agent (src/telemetry.rs)"
+        );
+        rest = &rest[i + name.len()..];
+    }
+}
+
+#[test]
+fn monitoring_objects_and_alert_rules() {
+    let Some(t) = tools("monitoring_objects_and_alert_rules") else {
+        return;
+    };
+    let docs = render_with(
+        &t,
+        &std::fs::read_to_string(chart().join("ci/monitoring-values.yaml")).unwrap(),
+        KUBE,
+    );
+    let sm = named(&docs, "ServiceMonitor", "rel-osc-agent");
+    assert_eq!(sm["metadata"]["namespace"], "monitoring");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(
+        sm["spec"]["namespaceSelector"],
+        json!({"matchNames": ["my-app"]})
+    );
+    let ep = &sm["spec"]["endpoints"][0];
+    assert_eq!(ep["port"], "admin");
+    assert_eq!(ep["interval"], "15s");
+    assert_eq!(ep["scrapeTimeout"], "5s");
+    assert_eq!(ep["relabelings"][0]["targetLabel"], "node");
+    assert_eq!(ep["metricRelabelings"][0]["action"], "drop");
+    let svc = named(&docs, "Service", "rel-osc-agent");
+    assert_eq!(
+        svc["spec"]["selector"],
+        sm["spec"]["selector"]["matchLabels"]
+    );
+    let pm = named(&docs, "PodMonitor", "rel-osc-agent");
+    assert_eq!(pm["metadata"]["namespace"], "my-app");
+    assert!(pm["spec"]["namespaceSelector"].is_null());
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "admin");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["interval"], "1m");
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        deployment_selector(&docs)
+    );
+
+    let rule = named(&docs, "PrometheusRule", "rel-osc-agent");
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let alerts: Vec<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    assert_eq!(
+        alerts,
+        [
+            "OscAgentActionBreakerTripped",
+            "OscAgentActionErrors",
+            "OscAgentDetectorUnavailable",
+            "OscAgentNotReady",
+            "OscAgentServingStale",
+            "OscAgentStreamDown",
+            "OscAgentSyncTooOld",
+            "OscAgentRestarting",
+        ],
+        "the README's alerts, less the disabled one, plus the additional rule"
+    );
+    for r in rules.iter().filter(|r| r["alert"] != "OscAgentRestarting") {
+        let expr = r["expr"].as_str().unwrap();
+        assert_metrics_exist(expr);
+        assert!(
+            expr.contains("namespace=\"my-app\", pod=~\"rel-osc-agent-.*\""),
+            "scoped to this release: {expr}"
+        );
+        assert_eq!(r["labels"]["severity"], "warning");
+        assert!(
+            r["annotations"]["summary"]
+                .as_str()
+                .unwrap()
+                .contains("{{ $labels.pod }}")
+        );
+    }
+    let too_old = rules
+        .iter()
+        .find(|r| r["alert"] == "OscAgentSyncTooOld")
+        .unwrap();
+    assert!(
+        too_old["expr"].as_str().unwrap().ends_with("> 7200"),
+        "{too_old}"
+    );
+    let errors = rules
+        .iter()
+        .find(|r| r["alert"] == "OscAgentActionErrors")
+        .unwrap();
+    assert!(
+        errors["expr"]
+            .as_str()
+            .unwrap()
+            .contains("osc_agent_actions_total{")
+            && errors["expr"]
+                .as_str()
+                .unwrap()
+                .contains("result=\"error\""),
+        "{errors}"
+    );
+    // All alerts by default, including the informational one.
+    let all = render_with(
+        &t,
+        "prometheusRule: {enabled: true, selector: \"job=\\\"osc\\\"\"}\n",
+        KUBE,
+    );
+    let rules = named(&all, "PrometheusRule", "rel-osc-agent")["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(rules.len(), 8);
+    let missed = rules
+        .iter()
+        .find(|r| r["alert"] == "OscAgentStreamMissesChanges")
+        .unwrap();
+    assert_eq!(missed["labels"]["severity"], "info");
+    assert_metrics_exist(missed["expr"].as_str().unwrap());
+    assert!(
+        missed["expr"]
+            .as_str()
+            .unwrap()
+            .contains("{job=\"osc\", result=\"missed\"}")
+    );
+    // Nothing to scrape in init-only mode.
+    let err = refused(
+        &t,
+        "runMode: init-only\npodMonitor: {enabled: true}\n",
+        KUBE,
+    );
+    assert!(err.contains("nothing to scrape"), "{err}");
+}
+
+fn deployment_selector(docs: &[Value]) -> Value {
+    find(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"].clone()
+}
+
+#[test]
+fn init_only_mode_syncs_once_without_a_sidecar() {
+    let Some(t) = tools("init_only_mode_syncs_once_without_a_sidecar") else {
+        return;
+    };
+    let docs = render_with(
+        &t,
+        &std::fs::read_to_string(chart().join("ci/init-only-values.yaml")).unwrap(),
+        KUBE,
+    );
+    let spec = deployment(&docs);
+    assert_eq!(container_names(spec, "initContainers"), ["osc-agent-init"]);
+    assert_eq!(container_names(spec, "containers"), ["app"]);
+    let args = args_of(container(spec, "initContainers", "osc-agent-init"));
+    assert_eq!(args[0], "--once");
+    assert!(args.contains(&"--output=/config/app.env:dotenv".to_owned()));
+    assert!(!args.iter().any(|a| a.starts_with("--admin-addr")));
+    let app = container(spec, "containers", "app");
+    assert_eq!(app["volumeMounts"][0]["mountPath"], "/config");
+    for kind in ["Service", "Pod"] {
+        assert!(find(&docs, kind).is_empty(), "no admin port, no {kind}");
+    }
+    // The init container runs even with initContainer: false (it is the whole point).
+    let docs = render_with(&t, "runMode: init-only\ninitContainer: false\n", KUBE);
+    assert_eq!(
+        container_names(deployment(&docs), "initContainers"),
+        ["osc-agent-init"]
+    );
+    let err = refused(&t, "runMode: init-only\nnativeSidecar: true\n", KUBE);
+    assert!(err.contains("nativeSidecar"), "{err}");
+}
+
+#[test]
+fn helm_test_checks_readyz_from_inside_the_cluster() {
+    let Some(t) = tools("helm_test_checks_readyz_from_inside_the_cluster") else {
+        return;
+    };
+    let docs = render_with(&t, "", KUBE);
+    let pods = find(&docs, "Pod");
+    assert_eq!(pods.len(), 1);
+    let pod = pods[0];
+    assert_eq!(pod["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let c = &pod["spec"]["containers"][0];
+    let env = c["env"].as_array().unwrap();
+    assert_eq!(env[0]["name"], "READYZ_URL");
+    assert_eq!(
+        env[0]["value"],
+        "http://rel-osc-agent.my-app.svc:8081/readyz"
+    );
+    assert!(c["command"][2].as_str().unwrap().contains("wget"));
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    // The Service it goes through selects the agent's pods on the admin port.
+    let svc = named(&docs, "Service", "rel-osc-agent");
+    assert_eq!(svc["spec"]["selector"], deployment_selector(&docs));
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "admin");
+    // A given URL needs no Service; no test when the admin server is on loopback or disabled.
+    let docs = render_with(&t, "test: {url: \"http://10.0.0.7:8081/readyz\"}\n", KUBE);
+    assert!(find(&docs, "Service").is_empty());
+    assert_eq!(
+        find(&docs, "Pod")[0]["spec"]["containers"][0]["env"][0]["value"],
+        "http://10.0.0.7:8081/readyz"
+    );
+    for values in [
+        "admin: {address: 127.0.0.1}\nlivenessProbe: null\nreadinessProbe: null\n",
+        "test: {enabled: false}\n",
+    ] {
+        let docs = render_with(&t, values, KUBE);
+        assert!(find(&docs, "Pod").is_empty(), "{values}");
+        assert!(find(&docs, "Service").is_empty(), "{values}");
+    }
+}
+
+/// The chart's variants on the real API server: what the schema or the templates refuse is refused by
+/// `helm install` (nothing installed), the rest installs; `helm upgrade` with a new template changes the
+/// pod template. (The Prometheus Operator kinds are only rendered and checked: no CRDs here.)
+#[test]
+fn chart_variants_install_on_a_real_api_server() {
+    let test = "chart_variants_install_on_a_real_api_server";
+    let Some(t) = tools(test) else { return };
+    let Some(kubeconfig) = std::env::var_os("KUBECONFIG") else {
+        assert!(
+            std::env::var_os("OSC_REQUIRE_KUBE").is_none(),
+            "{test}: OSC_REQUIRE_KUBE is set but $KUBECONFIG is not"
+        );
+        eprintln!("SKIPPED {test}: $KUBECONFIG is not set");
+        return;
+    };
+    let kubectl = |args: &[&str]| {
+        run(Command::new(&t.kubectl)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args))
+    };
+    let ns = format!("pkg-chart-{}", std::process::id());
+    kubectl(&["create", "namespace", &ns]);
+    let version: Value = serde_json::from_str(&kubectl(&["version", "-o", "json"])).unwrap();
+    let server = &version["serverVersion"];
+    let minor: u32 = server["minor"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('+')
+        .parse()
+        .unwrap();
+    let helm = |args: &[&str], values: &str| {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), format!("{BASE}{values}")).unwrap();
+        Command::new(&t.helm)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args)
+            .args(["--namespace", &ns, "-f"])
+            .arg(file.path())
+            .output()
+            .expect("helm")
+    };
+    let chart_dir = chart();
+    let chart_arg = chart_dir.to_str().unwrap();
+    let install = |release: &str, values: &str| {
+        let out = helm(&["install", release, chart_arg, "--wait=false"], values);
+        assert!(
+            out.status.success(),
+            "helm install {release} with\n{values}\nfailed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let not_installed = |release: &str, values: &str, named: &str| {
+        let out = helm(&["install", release, chart_arg, "--wait=false"], values);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(named),
+            "helm install {release} should fail naming {named}:\n{err}"
+        );
+        let status = Command::new(&t.helm)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["status", release, "--namespace", &ns])
+            .output()
+            .unwrap();
+        assert!(!status.status.success(), "{release} was installed");
+    };
+    let get = |kind: &str, name: &str| -> Value {
+        serde_json::from_str(&kubectl(&["-n", &ns, "get", kind, name, "-o", "json"])).unwrap()
+    };
+    let exists = |kind: &str, name: &str| {
+        Command::new(&t.kubectl)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["-n", &ns, "get", kind, name])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+
+    // A misspelt action field fails the install, not the pod.
+    not_installed(
+        "typo",
+        "actions: [{type: http, url: \"http://127.0.0.1:8080/-/reload\", expect_status: 200}]\n",
+        "expect_status",
+    );
+    assert!(!exists("deployment", "typo-osc-agent"));
+    if minor < 29 {
+        not_installed(
+            "native",
+            "nativeSidecar: true\n",
+            "nativeSidecar: true needs Kubernetes >= 1.29",
+        );
+    }
+
+    // Names, a budget in the cluster's policy version, a named ServiceAccount, scheduling options.
+    let opts = std::fs::read_to_string(chart_dir.join("ci/pod-options-values.yaml")).unwrap();
+    install("opts", &opts);
+    let manifest = run(Command::new(&t.helm).env("KUBECONFIG", &kubeconfig).args([
+        "get",
+        "manifest",
+        "opts",
+        "--namespace",
+        &ns,
+    ]));
+    let budget_api = if minor >= 21 {
+        "policy/v1"
+    } else {
+        "policy/v1beta1"
+    };
+    let pdb = docs(&manifest)
+        .into_iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .expect("a PodDisruptionBudget");
+    assert_eq!(pdb["apiVersion"], budget_api);
+    get("poddisruptionbudget", "web-config");
+    get("serviceaccount", "web-config-agent");
+    let dep = get("deployment", "web-config");
+    assert_eq!(
+        dep["spec"]["template"]["metadata"]["labels"]["team"],
+        "payments"
+    );
+    assert_eq!(
+        dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
+
+    // The app wired to a Secret, extra containers and volumes; init-only.
+    install(
+        "wired",
+        &std::fs::read_to_string(chart_dir.join("ci/app-wiring-values.yaml")).unwrap(),
+    );
+    let spec = get("deployment", "wired-osc-agent")["spec"]["template"]["spec"].clone();
+    assert_eq!(
+        container_names(&spec, "initContainers"),
+        ["osc-agent-init", "migrate"]
+    );
+    assert_eq!(
+        container(&spec, "containers", "app")["envFrom"][0]["secretRef"]["name"],
+        "app-config"
+    );
+    install(
+        "once",
+        &std::fs::read_to_string(chart_dir.join("ci/init-only-values.yaml")).unwrap(),
+    );
+    let spec = get("deployment", "once-osc-agent")["spec"]["template"]["spec"].clone();
+    assert_eq!(container_names(&spec, "containers"), ["app"]);
+    assert!(!exists("service", "once-osc-agent"));
+
+    // The library use: the parent's Deployment only.
+    let scratch = tempfile::tempdir().unwrap();
+    let parent = parent_chart(scratch.path());
+    let out = helm(
+        &["install", "lib", parent.to_str().unwrap(), "--wait=false"],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    get("deployment", "lib-web");
+    get("configmap", "lib-osc-agent-templates");
+    assert!(!exists("deployment", "lib-osc-agent"));
+    assert!(!exists("service", "lib-osc-agent"));
+
+    // helm upgrade with a changed template rolls the pods (a new pod template), the same one does not.
+    let checksum = || {
+        let d = get("deployment", "tpl-osc-agent");
+        (
+            d["spec"]["template"]["metadata"]["annotations"]["checksum/osc-agent-templates"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            d["metadata"]["generation"].as_i64().unwrap(),
+        )
+    };
+    install(
+        "tpl",
+        "templates: {app.conf: \"port={{ config['port'] }}\\n\"}\n",
+    );
+    let (first, gen1) = checksum();
+    let upgrade = |values: &str| {
+        let out = helm(&["upgrade", "tpl", chart_arg, "--wait=false"], values);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    upgrade("templates: {app.conf: \"port={{ config['port'] }}\\n\"}\n");
+    assert_eq!(
+        checksum(),
+        (first.clone(), gen1),
+        "same templates: no rollout"
+    );
+    upgrade("templates: {app.conf: \"listen={{ config['port'] }}\\n\"}\n");
+    let (second, gen2) = checksum();
+    assert_ne!(first, second);
+    assert!(gen2 > gen1, "a new pod template");
+    assert!(
+        get("configmap", "tpl-osc-agent-templates")["data"]["app.conf"]
+            .as_str()
+            .unwrap()
+            .starts_with("listen=")
+    );
+
     kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
