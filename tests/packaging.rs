@@ -12,9 +12,13 @@
 //!   `helm install`, with a message naming them);
 //! - the named templates used from another chart (`tests/fixtures/helm-parent`).
 //!
-//! Without the tools these tests print SKIPPED (a plain local `cargo test`), unless `OSC_REQUIRE_KUBE` is
-//! set, as in CI.
+//! Without the tools (or, for the install tests, a cluster) these tests show as ignored, with the
+//! reason (a plain local `cargo test`), unless `OSC_REQUIRE_KUBE` is set, as in CI: then they fail.
+//! `harness = false`: see `common::run_trials`.
 
+mod common;
+
+use common::{TestFn, missing_cluster, run_trials};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -26,6 +30,90 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const CRD_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
 /// The Kubernetes version charts are rendered for (and validated against) unless a test says otherwise.
 const KUBE: &str = "1.29.0";
+
+/// Tools (helm, kubectl, kubernetes-validate) and, for the install tests, a cluster: without them the
+/// tests show as ignored with the reason (with `OSC_REQUIRE_KUBE` set, they fail instead).
+fn main() {
+    let no_tools = tools_missing();
+    let no_cluster = no_tools.clone().or_else(missing_cluster);
+    run_trials(vec![
+        (
+            "chart_lints_renders_valid_objects_and_only_real_flags",
+            TestFn::Sync(chart_lints_renders_valid_objects_and_only_real_flags),
+            no_tools.clone(),
+        ),
+        (
+            "manifests_are_valid_and_use_only_real_flags",
+            TestFn::Sync(manifests_are_valid_and_use_only_real_flags),
+            no_tools.clone(),
+        ),
+        (
+            "the_readme_snippet_uses_only_real_flags",
+            TestFn::Sync(the_readme_snippet_uses_only_real_flags),
+            no_tools.clone(),
+        ),
+        (
+            "chart_and_manifests_install_on_a_real_api_server",
+            TestFn::Sync(chart_and_manifests_install_on_a_real_api_server),
+            no_cluster.clone(),
+        ),
+        (
+            "the_schema_refuses_misspelt_and_misplaced_values",
+            TestFn::Sync(the_schema_refuses_misspelt_and_misplaced_values),
+            no_tools.clone(),
+        ),
+        (
+            "every_action_field_the_schema_allows_is_accepted_by_the_agent",
+            TestFn::Sync(every_action_field_the_schema_allows_is_accepted_by_the_agent),
+            no_tools.clone(),
+        ),
+        (
+            "native_sidecar_needs_kubernetes_1_29",
+            TestFn::Sync(native_sidecar_needs_kubernetes_1_29),
+            no_tools.clone(),
+        ),
+        (
+            "named_templates_work_from_a_parent_chart",
+            TestFn::Sync(named_templates_work_from_a_parent_chart),
+            no_tools.clone(),
+        ),
+        (
+            "the_app_container_is_wired_to_the_output",
+            TestFn::Sync(the_app_container_is_wired_to_the_output),
+            no_tools.clone(),
+        ),
+        (
+            "pod_options_names_and_the_disruption_budget",
+            TestFn::Sync(pod_options_names_and_the_disruption_budget),
+            no_tools.clone(),
+        ),
+        (
+            "a_template_change_changes_the_pod_template",
+            TestFn::Sync(a_template_change_changes_the_pod_template),
+            no_tools.clone(),
+        ),
+        (
+            "monitoring_objects_and_alert_rules",
+            TestFn::Sync(monitoring_objects_and_alert_rules),
+            no_tools.clone(),
+        ),
+        (
+            "init_only_mode_syncs_once_without_a_sidecar",
+            TestFn::Sync(init_only_mode_syncs_once_without_a_sidecar),
+            no_tools.clone(),
+        ),
+        (
+            "helm_test_checks_readyz_from_inside_the_cluster",
+            TestFn::Sync(helm_test_checks_readyz_from_inside_the_cluster),
+            no_tools.clone(),
+        ),
+        (
+            "chart_variants_install_on_a_real_api_server",
+            TestFn::Sync(chart_variants_install_on_a_real_api_server),
+            no_cluster.clone(),
+        ),
+    ]);
+}
 
 struct Tools {
     helm: PathBuf,
@@ -54,10 +142,14 @@ fn tools(test: &str) -> Option<Tools> {
         "{test}: OSC_REQUIRE_KUBE is set but helm/kubectl/kubernetes-validate are not in {}",
         cache.display()
     );
-    eprintln!(
-        "SKIPPED {test}: run `.ci/k8s-env.sh install` for helm, kubectl and kubernetes-validate"
-    );
     None
+}
+
+/// Why the tools are missing, or `None`.
+fn tools_missing() -> Option<String> {
+    tools("packaging").is_none().then(|| {
+        "helm, kubectl or kubernetes-validate is missing: run `.ci/k8s-env.sh install`".to_owned()
+    })
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -232,7 +324,6 @@ fn role_resources(docs: &[Value]) -> Vec<String> {
         .collect()
 }
 
-#[test]
 fn chart_lints_renders_valid_objects_and_only_real_flags() {
     let Some(t) = tools("chart_lints_renders_valid_objects_and_only_real_flags") else {
         return;
@@ -521,7 +612,6 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
     }
 }
 
-#[test]
 fn manifests_are_valid_and_use_only_real_flags() {
     let Some(t) = tools("manifests_are_valid_and_use_only_real_flags") else {
         return;
@@ -550,7 +640,6 @@ fn manifests_are_valid_and_use_only_real_flags() {
     assert_eq!(agents, 7, "osc-agent containers checked in manifests/");
 }
 
-#[test]
 fn the_readme_snippet_uses_only_real_flags() {
     let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
     let start = readme
@@ -576,7 +665,6 @@ fn the_readme_snippet_uses_only_real_flags() {
 }
 
 /// `helm install` and `kubectl apply` against the real API server; the objects are what was asked for.
-#[test]
 fn chart_and_manifests_install_on_a_real_api_server() {
     let test = "chart_and_manifests_install_on_a_real_api_server";
     let Some(t) = tools(test) else { return };
@@ -736,7 +824,6 @@ fn container_names(spec: &Value, list: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
 fn the_schema_refuses_misspelt_and_misplaced_values() {
     let Some(t) = tools("the_schema_refuses_misspelt_and_misplaced_values") else {
         return;
@@ -856,7 +943,6 @@ fn the_schema_refuses_misspelt_and_misplaced_values() {
 }
 
 /// Every field the schema allows for an action reaches the agent as a flag it accepts.
-#[test]
 fn every_action_field_the_schema_allows_is_accepted_by_the_agent() {
     let Some(t) = tools("every_action_field_the_schema_allows_is_accepted_by_the_agent") else {
         return;
@@ -906,7 +992,6 @@ fn every_action_field_the_schema_allows_is_accepted_by_the_agent() {
     );
 }
 
-#[test]
 fn native_sidecar_needs_kubernetes_1_29() {
     let Some(t) = tools("native_sidecar_needs_kubernetes_1_29") else {
         return;
@@ -964,7 +1049,6 @@ fn chart_yaml(dir: &Path) -> Value {
     serde_saphyr::from_str(&std::fs::read_to_string(dir.join("Chart.yaml")).unwrap()).unwrap()
 }
 
-#[test]
 fn named_templates_work_from_a_parent_chart() {
     let Some(t) = tools("named_templates_work_from_a_parent_chart") else {
         return;
@@ -1087,7 +1171,6 @@ fn docs_of(rendered: Result<String, String>) -> Vec<Value> {
     docs(&rendered.unwrap_or_else(|e| panic!("helm template failed:\n{e}")))
 }
 
-#[test]
 fn the_app_container_is_wired_to_the_output() {
     let Some(t) = tools("the_app_container_is_wired_to_the_output") else {
         return;
@@ -1166,7 +1249,6 @@ fn the_app_container_is_wired_to_the_output() {
     assert_eq!(app["envFrom"], json!([{"secretRef": {"name": "other"}}]));
 }
 
-#[test]
 fn pod_options_names_and_the_disruption_budget() {
     let Some(t) = tools("pod_options_names_and_the_disruption_budget") else {
         return;
@@ -1248,7 +1330,6 @@ fn pod_options_names_and_the_disruption_budget() {
 }
 
 /// The pods roll when a template changes (`helm upgrade` with new templates), not otherwise.
-#[test]
 fn a_template_change_changes_the_pod_template() {
     let Some(t) = tools("a_template_change_changes_the_pod_template") else {
         return;
@@ -1298,7 +1379,6 @@ fn assert_metrics_exist(expr: &str) {
     }
 }
 
-#[test]
 fn monitoring_objects_and_alert_rules() {
     let Some(t) = tools("monitoring_objects_and_alert_rules") else {
         return;
@@ -1427,7 +1507,6 @@ fn deployment_selector(docs: &[Value]) -> Value {
     find(docs, "Deployment")[0]["spec"]["selector"]["matchLabels"].clone()
 }
 
-#[test]
 fn init_only_mode_syncs_once_without_a_sidecar() {
     let Some(t) = tools("init_only_mode_syncs_once_without_a_sidecar") else {
         return;
@@ -1459,7 +1538,6 @@ fn init_only_mode_syncs_once_without_a_sidecar() {
     assert!(err.contains("nativeSidecar"), "{err}");
 }
 
-#[test]
 fn helm_test_checks_readyz_from_inside_the_cluster() {
     let Some(t) = tools("helm_test_checks_readyz_from_inside_the_cluster") else {
         return;
@@ -1504,7 +1582,6 @@ fn helm_test_checks_readyz_from_inside_the_cluster() {
 /// The chart's variants on the real API server: what the schema or the templates refuse is refused by
 /// `helm install` (nothing installed), the rest installs; `helm upgrade` with a new template changes the
 /// pod template. (The Prometheus Operator kinds are only rendered and checked: no CRDs here.)
-#[test]
 fn chart_variants_install_on_a_real_api_server() {
     let test = "chart_variants_install_on_a_real_api_server";
     let Some(t) = tools(test) else { return };

@@ -1015,21 +1015,46 @@ pub fn missing_cluster() -> Option<String> {
 /// `skip` holds a reason, every test shows as **ignored** in the summary and the reason is printed once,
 /// instead of tests that pass in 0.00 s without doing anything.
 pub fn run_tests(skip: Option<String>, tests: Vec<(&'static str, AsyncTest)>) -> ! {
+    run_trials(
+        tests
+            .into_iter()
+            .map(|(name, test)| (name, TestFn::Async(test), skip.clone()))
+            .collect(),
+    )
+}
+
+/// A test of a `harness = false` binary: async (on its own runtime) or plain.
+pub enum TestFn {
+    Async(AsyncTest),
+    Sync(fn()),
+}
+
+/// [`run_tests`] with a skip reason per test (`None`: run it).
+pub fn run_trials(tests: Vec<(&'static str, TestFn, Option<String>)>) -> ! {
     let args = libtest_mimic::Arguments::from_args();
-    if let Some(reason) = &skip
-        && !args.list
-    {
-        eprintln!("ignored ({} tests): {reason}", tests.len());
+    if !args.list {
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, _, skip) in &tests {
+            if let Some(reason) = skip {
+                *reasons.entry(reason.as_str()).or_default() += 1;
+            }
+        }
+        for (reason, n) in reasons {
+            eprintln!("ignored ({n} tests): {reason}");
+        }
     }
     let trials = tests
         .into_iter()
-        .map(|(name, test)| {
+        .map(|(name, test, skip)| {
             libtest_mimic::Trial::test(name, move || {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot build a runtime: {e}"))?
-                    .block_on(test());
+                match test {
+                    TestFn::Sync(f) => f(),
+                    TestFn::Async(f) => tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot build a runtime: {e}"))?
+                        .block_on(f()),
+                }
                 Ok(())
             })
             .with_ignored_flag(skip.is_some())
