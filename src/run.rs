@@ -92,7 +92,7 @@ pub async fn run(settings: Settings) -> Exit {
     // Lock the outputs (held until exit) and remove what an interrupted earlier run left.
     if let Err(e) = crate::sink::claim(&settings.outputs) {
         if settings.once {
-            eprintln!("osc-agent: error: {e}");
+            eprintln!("{}", crate::logging::error_line("osc-agent", &e));
             return Exit::Partial;
         }
         warn!("{e} (retried at every sync)");
@@ -122,7 +122,10 @@ async fn once(agent: &Agent, runner: Option<&Runner>, settings: &Settings) -> Ex
     match exit {
         Once::Done(exit) => exit,
         Once::Stopped => {
-            warn!("stopped by a signal before finishing: files left as they were before this run");
+            warn!(
+                "stopped by a signal before finishing: the write in progress was abandoned (outputs \
+                 written before it, if any, hold the new content; the others are as before this run)"
+            );
             code
         }
         Once::StoppedBeforeActions => {
@@ -228,8 +231,9 @@ fn spawn_stop_handler(
         };
         info!("{name}: stopping (a write in progress is abandoned, files stay as they were)");
         let _ = stopped.set(code);
-        crate::sink::abort_writes();
+        // Cancelled first: a write that fails because of the abort is then seen as stopped.
         cancel.cancel();
+        crate::sink::abort_writes();
     }))
 }
 
@@ -355,8 +359,9 @@ fn spawn_signal_handlers(
             info!(
                 "{name}: stopping (a new generation being written is abandoned, the current one stays)"
             );
-            crate::sink::abort_writes();
+            // Cancelled first: a write that fails because of the abort is then seen as stopped.
             cancel.cancel();
+            crate::sink::abort_writes();
         }
     }))
 }

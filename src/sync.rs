@@ -294,7 +294,9 @@ impl Agent {
                 .await
                 .unwrap_or(None);
         let mut written = self.write(rendered.clone()).await?;
-        if let (Some(sink), Some(payload)) = (&self.objects, &rendered.objects) {
+        if let (Some(sink), Some(payload)) = (&self.objects, &rendered.objects)
+            && !sink::aborting()
+        {
             let (changed, errors) = sink.apply(payload).await;
             written
                 .changed

@@ -1,12 +1,24 @@
 //! `osc-agent check`: validates without contacting anything (the server URL points at a closed port).
 
+mod common;
+
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_osc-agent");
+use common::{BIN, PROXY_VARS, default_signals};
+
+/// The agent binary, with default signal dispositions and without the machine's proxy variables.
+fn agent() -> Command {
+    let mut c = Command::new(BIN);
+    for v in PROXY_VARS {
+        c.env_remove(v);
+    }
+    default_signals(&mut c);
+    c
+}
 const SERVER: &str = "http://127.0.0.1:9"; // discard port: nothing listens, nothing may be contacted
 
 fn check(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = agent()
         .arg("check")
         .args(args)
         .env_remove("OSC_USER_KEY")
@@ -109,7 +121,7 @@ fn skip_files_still_rejects_bad_flags() {
         "/config",
     ];
     // Files elsewhere are not read; the environment may come from the pod.
-    let out = Command::new(BIN)
+    let out = agent()
         .arg("check")
         .args(base)
         .env("POD_NAME", "app-0")
@@ -280,7 +292,7 @@ fn outputs_colliding_with_inputs_or_each_other_are_refused_naming_both() {
         "the key is untouched"
     );
     // The agent itself refuses the same configuration before contacting anything.
-    let run = Command::new(BIN)
+    let run = agent()
         .args(base)
         .args(["--once", "--output", &format!("{key_s}:dotenv")])
         .env_remove("OSC_USER_KEY")

@@ -120,6 +120,10 @@ impl ObjectSink {
             return (changed, errors);
         }
         for (kind, name) in &self.targets {
+            if super::aborting() {
+                // Shutting down: objects not yet applied keep their content (like files).
+                break;
+            }
             match self.apply_one(*kind, name, payload).await {
                 Ok(true) => changed.push(self.describe(*kind, name)),
                 Ok(false) => {}
