@@ -19,10 +19,11 @@ use crate::config::Secret;
 
 const LABEL: &[u8] = b"osc-agent content hash v1";
 
-/// Computes keyed hashes (lower-case hex HMAC-SHA256). `Debug` never shows the key.
+/// Computes keyed hashes (lower-case hex HMAC-SHA256). `Debug` never shows the key. Clones share the
+/// key: [`ContentHasher::rekey`] (after a user-key rotation) changes it for all of them.
 #[derive(Clone)]
 pub struct ContentHasher {
-    key: [u8; 32],
+    key: std::sync::Arc<std::sync::RwLock<[u8; 32]>>,
 }
 
 impl fmt::Debug for ContentHasher {
@@ -34,17 +35,22 @@ impl fmt::Debug for ContentHasher {
 impl ContentHasher {
     /// Derive the hashing key from a credential (the user key, or the backup password).
     pub fn derive(secret: &Secret) -> ContentHasher {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.expose().as_bytes())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        mac.update(LABEL);
-        ContentHasher {
-            key: mac.finalize().into_bytes().into(),
-        }
+        ContentHasher::with_key(derive_key(secret))
     }
 
     /// A hasher with a fixed key, for unit tests and benchmarks (no derivation cost).
     pub fn with_key(key: [u8; 32]) -> ContentHasher {
-        ContentHasher { key }
+        ContentHasher {
+            key: std::sync::Arc::new(std::sync::RwLock::new(key)),
+        }
+    }
+
+    /// Derive the key again from `secret` (the current user key): replicas that read a rotated key
+    /// agree again without a restart. Every clone of this hasher uses the new key from now on.
+    pub fn rekey(&self, secret: &Secret) {
+        let key = derive_key(secret);
+        let mut current = self.key.write().unwrap_or_else(|p| p.into_inner());
+        *current = key;
     }
 
     /// Hex HMAC of a sequence of fields, each length-prefixed so that field boundaries cannot shift.
@@ -63,15 +69,34 @@ impl ContentHasher {
     }
 
     fn mac(&self) -> Hmac<Sha256> {
+        let key = *self.key.read().unwrap_or_else(|p| p.into_inner());
         // HMAC takes keys of any length: this cannot fail.
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+        <Hmac<Sha256> as Mac>::new_from_slice(&key)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"))
     }
+}
+
+fn derive_key(secret: &Secret) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.expose().as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(LABEL);
+    mac.finalize().into_bytes().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rekeying_changes_every_clone_like_a_fresh_derivation() {
+        let (old, new) = (Secret::new("old-key".into()), Secret::new("new-key".into()));
+        let h = ContentHasher::derive(&old);
+        let clone = h.clone();
+        let before = clone.hex(b"v");
+        h.rekey(&new);
+        assert_ne!(clone.hex(b"v"), before);
+        assert_eq!(clone.hex(b"v"), ContentHasher::derive(&new).hex(b"v"));
+    }
 
     #[test]
     fn keyed_and_stable() {

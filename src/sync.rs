@@ -149,6 +149,8 @@ pub struct Agent {
     outputs: Outputs,
     objects: Option<Arc<ObjectSink>>,
     hasher: ContentHasher,
+    /// Where the hashing key comes from (re-read at every apply: a rotated user key re-keys).
+    source: Source,
     allow_empty: bool,
     /// The filters as flags (` --include 'a*'`), for the empty-environment error.
     filters: String,
@@ -173,6 +175,7 @@ impl Agent {
                 hasher.clone(),
             )?),
             hasher,
+            source: settings.source.clone(),
             environment: settings.environment.clone(),
             outputs: settings.outputs.clone(),
             objects: None,
@@ -269,6 +272,10 @@ impl Agent {
         self.refuse_empty(&snapshot, None)
             .map_err(SyncError::Empty)?;
         let keys = snapshot.entries.len();
+        // The current user key (or backup password): after a rotation, hashes follow the new key.
+        if let Ok(secret) = hash_secret(&self.source) {
+            self.hasher.rekey(&secret);
+        }
         let digests: BTreeMap<String, String> = snapshot
             .entries
             .iter()
@@ -395,13 +402,16 @@ fn describe_filters(sel: &crate::config::Selection) -> String {
 /// The hashing key: derived from the user key (or the backup password with `--from-backup`), so that
 /// replicas agree and no plain digest of a value ever leaves the process.
 fn content_hasher(source: &Source) -> Result<ContentHasher, ConfigError> {
-    let secret = match source {
+    hash_secret(source).map(|s| ContentHasher::derive(&s))
+}
+
+/// The credential the hashing key is derived from.
+fn hash_secret(source: &Source) -> Result<crate::config::Secret, ConfigError> {
+    match source {
         Source::Server(server) => server.credentials.user_key.read_user_key(),
         Source::Backup(file) => file.password.read(),
-    };
-    secret
-        .map(|s| ContentHasher::derive(&s))
-        .map_err(|e| ConfigError(e.to_string()))
+    }
+    .map_err(|e| ConfigError(e.to_string()))
 }
 
 /// Keyed digest of one entry's value (its compact JSON), used to tell which keys changed.
