@@ -1,0 +1,734 @@
+//! Real pods on a real node: the chart, `manifests/job-once.yaml` and the agent image, run by kubelet.
+//!
+//! Needs the single-node cluster of `.ci/k8s-node.sh` (`install`, `up`; `$KUBECONFIG` is
+//! `target/k8s-node/kubeconfig`, next to the node's run dir, which the images are built into). Without
+//! `$KUBECONFIG` every test prints `SKIPPED` to the terminal (not to the captured output) and returns,
+//! unless `OSC_REQUIRE_KUBE` is set, as in CI: then a missing cluster fails.
+//!
+//! Each test builds nothing itself but its own namespace: the images are built once per run with
+//! `.ci/k8s-node.sh image` from this build's agent binary (glibc + its `ldd` libraries, user 65532) and
+//! from Debian's `busybox-static` (the test app, with `/bin/*` applet links). Every test runs a dev-server
+//! pod (the agent binary, `dev-server --listen 0.0.0.0:8900`), which the agents reach by pod IP (no cluster
+//! DNS here) and the test reaches through `kubectl port-forward` (never by pod IP from the host), then
+//! `helm install`s `charts/osc-agent` or applies a manifest. Every wait has a deadline.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{Logs, USER_KEY};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const AGENT_IMAGE: &str = "localhost/osc-agent:pods";
+const APP_IMAGE: &str = "localhost/app:pods";
+const DEV_PORT: u16 = 8900;
+/// Pod start, sync and kubelet status updates on a busy 2-core machine.
+const WAIT: Duration = Duration::from_secs(120);
+/// A change on the server reaching the app container's view.
+const PROPAGATION: Duration = Duration::from_secs(30);
+/// A value that must never appear in a log (the app never prints it).
+const SECRET_VALUE: &str = "pods-secret-token-7f3a9c";
+const WRONG_KEY: &str = "wrong-user-key-for-pods-test-0123";
+
+/// Written straight to the process's stderr: the test harness does not capture it, so a skip is seen.
+fn say(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
+/// The node's tools and paths, or `None` (SKIPPED, visibly) without a cluster.
+struct Node {
+    kubectl: PathBuf,
+    helm: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+fn node(test: &str) -> Option<Node> {
+    let required = std::env::var_os("OSC_REQUIRE_KUBE").is_some();
+    let Some(kubeconfig) = std::env::var_os("KUBECONFIG").map(PathBuf::from) else {
+        assert!(
+            !required,
+            "{test}: OSC_REQUIRE_KUBE is set but $KUBECONFIG is not"
+        );
+        say(&format!(
+            "SKIPPED pods::{test}: $KUBECONFIG is not set (run `.ci/k8s-node.sh install && .ci/k8s-node.sh up`, \
+             then KUBECONFIG=$PWD/target/k8s-node/kubeconfig)"
+        ));
+        return None;
+    };
+    let run_dir = run_dir(&kubeconfig);
+    if !run_dir.join(".k8s-node").exists() {
+        assert!(
+            !required,
+            "{test}: OSC_REQUIRE_KUBE is set but {} is not a .ci/k8s-node.sh run dir (no kubelet, no images)",
+            run_dir.display()
+        );
+        say(&format!(
+            "SKIPPED pods::{test}: {} is not next to a .ci/k8s-node.sh node (these tests need a kubelet)",
+            kubeconfig.display()
+        ));
+        return None;
+    }
+    let cache = std::env::var_os("K8S_TOOLS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/k8s-test-tools")))
+        .unwrap_or_default();
+    let n = Node {
+        kubectl: cache.join("bin/kubectl"),
+        helm: cache.join("bin/helm"),
+        kubeconfig,
+    };
+    assert!(
+        n.kubectl.is_file() && n.helm.is_file(),
+        "{test}: kubectl/helm missing in {}: run .ci/k8s-node.sh install",
+        cache.display()
+    );
+    images(&run_dir);
+    Some(n)
+}
+
+/// The node's run dir: `$KUBE_IT_DIR`, else the kubeconfig's directory (k8s-node.sh writes it there).
+fn run_dir(kubeconfig: &Path) -> PathBuf {
+    std::env::var_os("KUBE_IT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| kubeconfig.parent().unwrap_or(Path::new(".")).to_owned())
+}
+
+/// Builds and imports the two images once per test run (`.ci/k8s-node.sh image`).
+fn images(run_dir: &Path) {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = BUILT.get_or_init(|| {
+        let script = Path::new(ROOT).join(".ci/k8s-node.sh");
+        let busybox = Path::new("/bin/busybox");
+        if !busybox.is_file() {
+            return Err("/bin/busybox is missing: apt-get install busybox-static".into());
+        }
+        // The app image: busybox as /busybox plus /bin/<applet> links, so `sh -c …` works as in manifests.
+        let extra = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let bin = extra.path().join("bin");
+        std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+        let list = std::process::Command::new(busybox)
+            .arg("--list")
+            .output()
+            .map_err(|e| e.to_string())?;
+        for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+            std::os::unix::fs::symlink("/busybox", bin.join(applet)).map_err(|e| e.to_string())?;
+        }
+        for (image, binary, dir) in [
+            (AGENT_IMAGE, Path::new(common::BIN), None),
+            (APP_IMAGE, busybox, Some(extra.path())),
+        ] {
+            let start = Instant::now();
+            let mut cmd = std::process::Command::new(&script);
+            cmd.arg("image").arg(image).arg(binary);
+            if let Some(d) = dir {
+                cmd.arg(d);
+            }
+            let out = cmd
+                .env("KUBE_IT_DIR", run_dir)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("{}: {e}", script.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "k8s-node.sh image {image} failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            say(&format!(
+                "pods: image {image} built and imported in {:.1} s",
+                start.elapsed().as_secs_f64()
+            ));
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// One namespace per test, deleted (without waiting) when the test ends, also when it fails.
+struct Ns {
+    node: Node,
+    name: String,
+    logs: Logs,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.node.kubectl)
+            .env("KUBECONFIG", &self.node.kubeconfig)
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Ns {
+    async fn new(node: Node, test: &str) -> Ns {
+        let name = format!("pods-{test}-{:04x}", fastrand::u16(..)).replace('_', "-");
+        let ns = Ns {
+            node,
+            name,
+            logs: Logs::default(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        ns.kubectl(&["create", "namespace", &ns.name]).await;
+        ns
+    }
+
+    fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("KUBECONFIG", &self.node.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs a command (60 s deadline): (success, stdout, stderr).
+    async fn try_run(&self, program: &Path, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.command(program, args).output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within 60 s", program.display()))
+        .expect("run kubectl/helm");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn run(&self, program: &Path, args: &[&str]) -> String {
+        let (ok, stdout, stderr) = self.try_run(program, args).await;
+        assert!(
+            ok,
+            "{} {args:?} failed:\n{stdout}{stderr}",
+            program.display()
+        );
+        stdout
+    }
+
+    /// `kubectl ARGS` in this namespace (the namespace flag is added when ARGS do not name one).
+    async fn kubectl(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        self.run(&self.node.kubectl, &all).await
+    }
+
+    async fn helm(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        self.run(&self.node.helm, &all).await
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&all).await).expect("kubectl -o json")
+    }
+
+    /// Logs of a container (also kept to check for leaked secrets at the end).
+    async fn logs(&self, pod: &str, container: &str, previous: bool) -> String {
+        let mut args = vec!["logs", pod, "-c", container];
+        if previous {
+            args.push("--previous");
+        }
+        let text = self.kubectl(&args).await;
+        self.logs.push(&format!(
+            "[{pod}/{container}{}]\n{text}",
+            if previous { " previous" } else { "" }
+        ));
+        text
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    }
+
+    /// A credentials Secret holding `key` as `user-key`, made the way README shows.
+    async fn credentials(&self, name: &str, key: &str) {
+        let file = self.write(&format!("{name}.user-key"), key);
+        self.kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            name,
+            &format!("--from-file=user-key={file}"),
+        ])
+        .await;
+    }
+
+    /// `helm install NAME charts/osc-agent` with these values (JSON is YAML).
+    async fn helm_install(&self, release: &str, values: &Value) {
+        let file = self.write(&format!("{release}-values.yaml"), &values.to_string());
+        let chart = Path::new(ROOT).join("charts/osc-agent");
+        self.helm(&[
+            "install",
+            release,
+            chart.to_str().unwrap(),
+            "-f",
+            &file,
+            "--wait=false",
+        ])
+        .await;
+    }
+
+    /// The one pod of a release (waits until it exists).
+    async fn release_pod(&self, release: &str) -> String {
+        let selector = format!("app.kubernetes.io/instance={release}");
+        poll(&format!("a pod of release {release}"), WAIT, || async {
+            let pods = self.json(&["get", "pods", "-l", &selector]).await;
+            match pods["items"].as_array().map(|a| a.as_slice()) {
+                Some([one]) => one["metadata"]["name"].as_str().map(str::to_owned),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    async fn wait_ready(&self, pod: &str) -> Value {
+        poll(&format!("pod {pod} Ready"), WAIT, || async {
+            let p = self.json(&["get", "pod", pod]).await;
+            condition(&p, "Ready").then_some(p)
+        })
+        .await
+    }
+
+    /// `kubectl port-forward` to a pod's port on 127.0.0.1: the local port.
+    async fn port_forward(&self, pod: &str, port: u16) -> PortForward {
+        let target = format!("pod/{pod}");
+        let spec = format!(":{port}");
+        let mut child = self
+            .command(
+                &self.node.kubectl,
+                &[
+                    "-n",
+                    &self.name,
+                    "port-forward",
+                    "--address",
+                    "127.0.0.1",
+                    &target,
+                    &spec,
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl port-forward");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let local = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                // "Forwarding from 127.0.0.1:41235 -> 8900"
+                if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+                    if let Some(p) = rest.split_whitespace().next() {
+                        return p.parse::<u16>().expect("local port");
+                    }
+                }
+            }
+            panic!("kubectl port-forward to {target} ended before forwarding");
+        })
+        .await
+        .expect("kubectl port-forward did not forward within 30 s");
+        // Keep reading its stdout (one line per connection) so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        PortForward {
+            _child: child,
+            url: format!("http://127.0.0.1:{local}"),
+        }
+    }
+
+    /// A dev-server pod (the agent image, `dev-server --listen 0.0.0.0:8900`), Ready, with the entries
+    /// of environment `prod` created through a port-forward. Returns its pod IP and the forward.
+    async fn dev_server(&self, entries: &[(&str, Value)]) -> (String, PortForward) {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "dev-server", "labels": {"app": "dev-server"}},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "dev-server", "image": AGENT_IMAGE, "imagePullPolicy": "Never",
+                    "args": ["dev-server", "--listen", format!("0.0.0.0:{DEV_PORT}")],
+                    "ports": [{"containerPort": DEV_PORT}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": DEV_PORT}, "periodSeconds": 1},
+                    "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+                                         "capabilities": {"drop": ["ALL"]}}
+                }]
+            }
+        });
+        let file = self.write("dev-server.yaml", &pod.to_string());
+        self.kubectl(&["apply", "-f", &file]).await;
+        let status = self.wait_ready("dev-server").await;
+        let ip = status["status"]["podIP"]
+            .as_str()
+            .expect("dev server pod IP")
+            .to_owned();
+        let forward = self.port_forward("dev-server", DEV_PORT).await;
+        let api = forward.api(USER_KEY);
+        for (key, value) in entries {
+            api.create("prod", key, value.clone()).await;
+        }
+        (ip, forward)
+    }
+
+    /// `kubectl exec POD -c CONTAINER -- ARGS`: stdout, or None if it failed.
+    async fn exec(&self, pod: &str, container: &str, args: &[&str]) -> Option<String> {
+        let mut all = vec!["-n", &self.name, "exec", pod, "-c", container, "--"];
+        all.extend_from_slice(args);
+        let (ok, stdout, _) = self.try_run(&self.node.kubectl, &all).await;
+        ok.then_some(stdout)
+    }
+
+    /// Every captured log is free of the user keys and the secret value.
+    fn assert_no_secret_logged(&self) {
+        self.logs
+            .assert_free_of(&[USER_KEY, WRONG_KEY, SECRET_VALUE]);
+    }
+}
+
+struct PortForward {
+    _child: Child,
+    url: String,
+}
+
+impl PortForward {
+    fn api(&self, key: &str) -> common::Api {
+        common::Api::new(&self.url, key)
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let resp = common::http_client()
+            .get(format!("{}{path}", self.url))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        resp.json().await.expect("JSON answer")
+    }
+}
+
+/// Polls `f` every 500 ms (each poll runs kubectl) until it gives a value; fails after `deadline`.
+async fn poll<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until `cond` holds (see [`poll`]).
+async fn until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    poll(what, deadline, || {
+        let fut = cond();
+        async move { fut.await.then_some(()) }
+    })
+    .await
+}
+
+fn condition(pod: &Value, kind: &str) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == kind && c["status"] == "True")
+}
+
+fn container_status<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
+    pod["status"][list]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Values for the chart: the test images, the dev server by pod IP, environment `prod`, credentials
+/// from an existing Secret, and the busybox app running `script` as another user (1000) than the agent,
+/// so that it reads the files through the group (fsGroup 65532, mode 0440).
+fn chart_values(server_ip: &str, secret: &str, script: &str) -> Value {
+    json!({
+        "server": {"url": format!("http://{server_ip}:{DEV_PORT}")},
+        "environment": "prod",
+        "credentials": {"existingSecret": secret},
+        "image": {"repository": "localhost/osc-agent", "tag": "pods", "pullPolicy": "Never"},
+        "output": {"aggregates": [{"name": "app.env", "format": "dotenv"}]},
+        "app": {
+            "image": {"repository": "localhost/app", "tag": "pods", "pullPolicy": "Never"},
+            "command": ["sh", "-c"],
+            "args": [script],
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "readOnlyRootFilesystem": true,
+                                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}
+        }
+    })
+}
+
+/// The app: prints what it reads at start, then waits; `got HUP` per SIGHUP, exits 0 on SIGTERM.
+const APP_SCRIPT: &str = r#"echo "start: db.url=$(cat /config/db.url) settings=$(wc -l < /config/app.env)"
+trap 'echo got HUP' HUP
+trap 'echo stopping; exit 0' TERM
+while true; do sleep 1 & wait $!; done
+"#;
+
+/// (1) files mode: the init container ran first (the app read its files at start); a PUT on the server
+/// shows up in the app container's view; modes and ownership as README documents.
+#[tokio::test]
+async fn files_mode_app_reads_files_at_start_and_sees_a_change() {
+    let Some(node) = node("files_mode_app_reads_files_at_start_and_sees_a_change") else {
+        return;
+    };
+    let ns = Ns::new(node, "files").await;
+    let (ip, server) = ns
+        .dev_server(&[
+            ("db.url", json!("postgres://db/app")),
+            ("api.token", json!(SECRET_VALUE)),
+        ])
+        .await;
+    ns.credentials("osc-credentials", USER_KEY).await;
+    ns.helm_install("rel", &chart_values(&ip, "osc-credentials", APP_SCRIPT))
+        .await;
+    let pod = ns.release_pod("rel").await;
+    let status = ns.wait_ready(&pod).await;
+    // Both containers ready: the agent's readiness probe (/readyz) passed through kubelet.
+    for c in ["app", "osc-agent"] {
+        assert_eq!(
+            container_status(&status, "containerStatuses", c)["ready"],
+            true,
+            "{c}: {status}"
+        );
+    }
+    let init = container_status(&status, "initContainerStatuses", "osc-agent-init");
+    assert_eq!(init["state"]["terminated"]["exitCode"], 0, "{init}");
+    let shown = ns.kubectl(&["get", "pod", &pod]).await;
+    say(&format!("pods: kubectl get pod\n{shown}"));
+    assert!(
+        shown.contains("2/2") && shown.contains("Running"),
+        "{shown}"
+    );
+
+    // The app read the synced files when it started (the init container ran before it).
+    let app_log = ns.logs(&pod, "app", false).await;
+    assert!(
+        app_log.contains("start: db.url=postgres://db/app settings=2"),
+        "{app_log}"
+    );
+
+    // Modes and ownership: 0440, owned by the agent's 65532 with group 65532 (fsGroup); the app runs as
+    // 1000 and reads them through its supplementary group.
+    let id = ns.exec(&pod, "app", &["id"]).await.expect("exec id");
+    assert!(id.contains("uid=1000") && id.contains("65532"), "{id}");
+    let stat = ns
+        .exec(
+            &pod,
+            "app",
+            &[
+                "stat",
+                "-L",
+                "-c",
+                "%a %u %g %n",
+                "/config/db.url",
+                "/config/api.token",
+                "/config/app.env",
+            ],
+        )
+        .await
+        .expect("exec stat");
+    for line in stat.lines() {
+        assert!(line.starts_with("440 65532 65532 "), "{stat}");
+    }
+    // The app cannot write there (read-only mount).
+    assert!(
+        ns.exec(&pod, "app", &["sh", "-c", "echo x > /config/db.url"])
+            .await
+            .is_none(),
+        "the app could write into /config"
+    );
+
+    // A PUT on the server reaches the app container's view.
+    let admin = ns.port_forward(&pod, 8081).await;
+    let before = admin.get_json("/status").await;
+    assert_eq!(before["ready"], true, "{before}");
+    assert_eq!(before["stream"]["connected"], true, "{before}");
+    assert_eq!(before["sync"]["keys"], 2, "{before}");
+    let put_at = Instant::now();
+    server
+        .api(USER_KEY)
+        .update("prod", "db.url", json!("postgres://db2/app"))
+        .await;
+    until("the change in the app container", PROPAGATION, || async {
+        ns.exec(&pod, "app", &["cat", "/config/db.url"])
+            .await
+            .as_deref()
+            == Some("postgres://db2/app")
+    })
+    .await;
+    say(&format!(
+        "pods: PUT → app container's view in {:.1} s",
+        put_at.elapsed().as_secs_f64()
+    ));
+    let env = ns
+        .exec(&pod, "app", &["cat", "/config/app.env"])
+        .await
+        .expect("cat app.env");
+    assert!(
+        env.contains("db_url='postgres://db2/app'"),
+        "aggregate not updated"
+    );
+    let after = admin.get_json("/status").await;
+    say(&format!(
+        "pods: /status sync {} stream {}",
+        after["sync"], after["stream"]["events_by_type"]
+    ));
+    assert_ne!(
+        after["sync"]["applied_hash"],
+        before["sync"]["applied_hash"]
+    );
+    assert_eq!(after["sync"]["last_error"], Value::Null, "{after}");
+    assert_eq!(after["status"], "ok", "{after}");
+
+    ns.logs(&pod, "osc-agent-init", false).await;
+    ns.logs(&pod, "osc-agent", false).await;
+    ns.logs("dev-server", "dev-server", false).await;
+    ns.assert_no_secret_logged();
+}
+
+/// (6) `manifests/job-once.yaml`, with the test images, the dev server and this namespace: the Job
+/// completes, and its container read the dotenv file the init container wrote.
+#[tokio::test]
+async fn job_once_manifest_completes() {
+    let Some(node) = node("job_once_manifest_completes") else {
+        return;
+    };
+    let ns = Ns::new(node, "job").await;
+    let (ip, _server) = ns
+        .dev_server(&[
+            ("db.url", json!("postgres://db/app")),
+            ("api.token", json!(SECRET_VALUE)),
+            ("pool", json!({"size": 5})),
+        ])
+        .await;
+    ns.credentials("osc-agent-credentials", USER_KEY).await;
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("manifests/job-once.yaml"))
+        .expect("manifests/job-once.yaml");
+    let mut adapted = String::new();
+    for line in manifest.lines() {
+        let indent = &line[..line.len() - line.trim_start().len()];
+        match line.trim() {
+            "namespace: my-app" => adapted += &format!("{indent}namespace: {}\n", ns.name),
+            "image: ghcr.io/osc-agent/osc-agent:0.1.0" => {
+                adapted +=
+                    &format!("{indent}image: {AGENT_IMAGE}\n{indent}imagePullPolicy: Never\n")
+            }
+            "image: busybox:1.36" => {
+                adapted += &format!("{indent}image: {APP_IMAGE}\n{indent}imagePullPolicy: Never\n")
+            }
+            "- --server=https://osc.example:9000" => {
+                adapted += &format!("{indent}- --server=http://{ip}:{DEV_PORT}\n")
+            }
+            "- --environment=production" => adapted += &format!("{indent}- --environment=prod\n"),
+            _ => adapted += &format!("{line}\n"),
+        }
+    }
+    for changed in [AGENT_IMAGE, APP_IMAGE, "--environment=prod", ip.as_str()] {
+        assert!(
+            adapted.contains(changed),
+            "job-once.yaml changed shape: {changed} not substituted"
+        );
+    }
+    let file = ns.write("job-once.yaml", &adapted);
+    ns.kubectl(&["apply", "-f", &file]).await;
+    let job = poll("Job my-migration to complete", WAIT, || async {
+        let job = ns.json(&["get", "job", "my-migration"]).await;
+        assert!(
+            job["status"]["failed"].as_u64().unwrap_or(0) == 0,
+            "the Job failed: {job}"
+        );
+        (job["status"]["succeeded"] == 1).then_some(job)
+    })
+    .await;
+    assert!(condition(&job, "Complete"), "{job}");
+    let out = ns
+        .kubectl(&["logs", "job/my-migration", "-c", "migrate"])
+        .await;
+    ns.logs.push(&out);
+    assert_eq!(out.trim(), "migrating with 3 settings");
+    let init = ns
+        .kubectl(&["logs", "job/my-migration", "-c", "osc-agent"])
+        .await;
+    ns.logs.push(&init);
+    assert!(init.contains("sync complete"), "{init}");
+    ns.assert_no_secret_logged();
+}
+
+/// (5a) A wrong user key: the init container exits 4, the pod shows `Init:Error` (or the back-off
+/// after it), the app never starts, and the log names the cause without any key or value.
+#[tokio::test]
+async fn wrong_user_key_fails_the_init_container_with_exit_4() {
+    let Some(node) = node("wrong_user_key_fails_the_init_container_with_exit_4") else {
+        return;
+    };
+    let ns = Ns::new(node, "wrongkey").await;
+    let (ip, _server) = ns.dev_server(&[("api.token", json!(SECRET_VALUE))]).await;
+    ns.credentials("bad-credentials", WRONG_KEY).await;
+    ns.helm_install("bad", &chart_values(&ip, "bad-credentials", APP_SCRIPT))
+        .await;
+    let pod = ns.release_pod("bad").await;
+    let status = poll("the init container to exit", WAIT, || async {
+        let status = ns.json(&["get", "pod", &pod]).await;
+        let init = container_status(&status, "initContainerStatuses", "osc-agent-init");
+        let exited =
+            !init["state"]["terminated"].is_null() || !init["lastState"]["terminated"].is_null();
+        exited.then_some(status)
+    })
+    .await;
+    let init = container_status(&status, "initContainerStatuses", "osc-agent-init");
+    let terminated = if init["state"]["terminated"].is_null() {
+        &init["lastState"]["terminated"]
+    } else {
+        &init["state"]["terminated"]
+    };
+    assert_eq!(terminated["exitCode"], 4, "{init}");
+    let shown = ns.kubectl(&["get", "pod", &pod]).await;
+    say(&format!("pods: kubectl get pod\n{shown}"));
+    assert!(
+        shown.contains("Init:Error") || shown.contains("Init:CrashLoopBackOff"),
+        "{shown}"
+    );
+    // The app never started.
+    let app = container_status(&status, "containerStatuses", "app");
+    assert!(app["state"]["running"].is_null(), "{app}");
+    let log = ns.kubectl(&["logs", &pod, "-c", "osc-agent-init"]).await;
+    ns.logs.push(&log);
+    assert!(
+        log.contains("the user key does not match the data in environment 'prod'"),
+        "{log}"
+    );
+    ns.assert_no_secret_logged();
+}
