@@ -732,3 +732,204 @@ async fn wrong_user_key_fails_the_init_container_with_exit_4() {
     );
     ns.assert_no_secret_logged();
 }
+
+/// An action chart: the files-mode values plus `actions`, a short cooldown and `maxActions`, with the
+/// app running as the agent's user (65532). Found on this node: the `KILL` capability the chart adds
+/// does not reach the agent's process, which runs as non-root (Kubernetes sets no ambient capabilities,
+/// and `execve` as a non-root user clears the permitted set), so signalling an app of another user fails
+/// with EPERM (`/status.actions.last` says so, naming CAP_KILL). Running both as one user works.
+fn action_values(server_ip: &str, actions: Value, max_actions: u32) -> Value {
+    let mut v = chart_values(server_ip, "osc-credentials", APP_SCRIPT);
+    v["app"]["securityContext"]["runAsUser"] = json!(65532);
+    v["app"]["securityContext"]["runAsGroup"] = json!(65532);
+    v["actions"] = actions;
+    v["actionCooldown"] = json!("1s");
+    v["maxActions"] = json!(max_actions);
+    v
+}
+
+fn count(text: &str, line: &str) -> usize {
+    text.lines().filter(|l| l.trim() == line).count()
+}
+
+/// Sends a PUT and waits until the agent has synced after it (`/status.sync.succeeded` grew).
+async fn put_and_wait_sync(server: &PortForward, admin: &PortForward, value: &str) -> Value {
+    let before = admin.get_json("/status").await["sync"]["succeeded"]
+        .as_u64()
+        .expect("sync.succeeded");
+    server
+        .api(USER_KEY)
+        .update("prod", "db.url", json!(value))
+        .await;
+    poll("a sync after the PUT", PROPAGATION, || async {
+        let s = admin.get_json("/status").await;
+        (s["sync"]["succeeded"].as_u64().unwrap_or(0) > before).then_some(s)
+    })
+    .await
+}
+
+/// (2) signal action: the app process in the other container (shared process namespace, KILL
+/// capability) gets exactly one SIGHUP per real change, none on a no-op PUT.
+#[tokio::test]
+async fn signal_action_sends_one_hup_per_real_change_and_none_on_a_no_op() {
+    let Some(node) = node("signal_action_sends_one_hup_per_real_change_and_none_on_a_no_op") else {
+        return;
+    };
+    let ns = Ns::new(node, "signal").await;
+    let (ip, server) = ns
+        .dev_server(&[
+            ("db.url", json!("postgres://db/app")),
+            ("api.token", json!(SECRET_VALUE)),
+        ])
+        .await;
+    ns.credentials("osc-credentials", USER_KEY).await;
+    let actions = json!([{"type": "signal", "process": "sh", "signal": "HUP"}]);
+    ns.helm_install("sig", &action_values(&ip, actions, 10))
+        .await;
+    let pod = ns.release_pod("sig").await;
+    let spec = ns.json(&["get", "pod", &pod]).await;
+    assert_eq!(spec["spec"]["shareProcessNamespace"], true);
+    ns.wait_ready(&pod).await;
+    let admin = ns.port_forward(&pod, 8081).await;
+    let hups = || async { count(&ns.logs(&pod, "app", false).await, "got HUP") };
+
+    // No action on a fresh start, none on a PUT that changes nothing.
+    let s = put_and_wait_sync(&server, &admin, "postgres://db/app").await;
+    assert_eq!(s["actions"]["runs"], 0, "{}", s["actions"]);
+    assert_eq!(hups().await, 0);
+
+    for (n, value) in [(1, "postgres://db2/app"), (2, "postgres://db3/app")] {
+        server
+            .api(USER_KEY)
+            .update("prod", "db.url", json!(value))
+            .await;
+        let s = poll(&format!("action run {n}"), PROPAGATION, || async {
+            let s = admin.get_json("/status").await;
+            (s["actions"]["runs"] == n && s["actions"]["pending"] == false).then_some(s)
+        })
+        .await;
+        say(&format!(
+            "pods: /status.actions after change {n}: {}",
+            s["actions"]
+        ));
+        assert_eq!(s["actions"]["breaker_tripped"], false, "{}", s["actions"]);
+        until(
+            &format!("HUP {n} in the app's log"),
+            PROPAGATION,
+            || async { hups().await >= n },
+        )
+        .await;
+        // A no-op PUT afterwards: synced, no further run, no further HUP.
+        let s = put_and_wait_sync(&server, &admin, value).await;
+        assert_eq!(s["actions"]["runs"], n, "{}", s["actions"]);
+        assert_eq!(hups().await, n, "exactly one HUP per real change");
+    }
+    let app_log = ns.logs(&pod, "app", false).await;
+    let restarts = container_status(
+        &ns.json(&["get", "pod", &pod]).await,
+        "containerStatuses",
+        "app",
+    )["restartCount"]
+        .clone();
+    assert_eq!(
+        restarts, 0,
+        "the app was restarted, not signalled:\n{app_log}"
+    );
+    ns.logs(&pod, "osc-agent", false).await;
+    ns.assert_no_secret_logged();
+}
+
+/// (3) restart-container: the app container's restartCount goes up by one per real change (its main
+/// process gets SIGTERM and exits; kubelet restarts it and it reads the new files at start); after
+/// `maxActions` runs the breaker stops restarts while files keep syncing.
+#[tokio::test]
+async fn restart_container_action_restarts_the_app_once_per_change_until_the_breaker() {
+    let Some(node) =
+        node("restart_container_action_restarts_the_app_once_per_change_until_the_breaker")
+    else {
+        return;
+    };
+    let ns = Ns::new(node, "restart").await;
+    let (ip, server) = ns
+        .dev_server(&[
+            ("db.url", json!("postgres://db/app")),
+            ("api.token", json!(SECRET_VALUE)),
+        ])
+        .await;
+    ns.credentials("osc-credentials", USER_KEY).await;
+    let actions = json!([{"type": "restart-container", "process": "sh", "grace": "5s"}]);
+    ns.helm_install("rst", &action_values(&ip, actions, 2))
+        .await;
+    let pod = ns.release_pod("rst").await;
+    ns.wait_ready(&pod).await;
+    let admin = ns.port_forward(&pod, 8081).await;
+    let restart_count = || async {
+        container_status(
+            &ns.json(&["get", "pod", &pod]).await,
+            "containerStatuses",
+            "app",
+        )["restartCount"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    assert_eq!(restart_count().await, 0);
+
+    for (n, value) in [(1u64, "postgres://db2/app"), (2, "postgres://db3/app")] {
+        server
+            .api(USER_KEY)
+            .update("prod", "db.url", json!(value))
+            .await;
+        // Kubelet restarts a container that exited with a back-off (10 s before the second restart).
+        until(&format!("app restart {n}"), WAIT, || async {
+            restart_count().await == n
+        })
+        .await;
+        let s = admin.get_json("/status").await;
+        say(&format!(
+            "pods: /status.actions after change {n}: {}",
+            s["actions"]
+        ));
+        assert_eq!(s["actions"]["runs"], n, "{}", s["actions"]);
+        // The restarted app read the new value at its start; the one before it stopped on SIGTERM.
+        let want = format!("start: db.url={value} settings=2");
+        until(
+            &format!("the restarted app's start line ({value})"),
+            WAIT,
+            || async { ns.logs(&pod, "app", false).await.contains(&want) },
+        )
+        .await;
+        let previous = ns.logs(&pod, "app", true).await;
+        assert!(previous.contains("stopping"), "{previous}");
+    }
+
+    // Third change: the breaker (maxActions 2) skips the action; the files still sync.
+    server
+        .api(USER_KEY)
+        .update("prod", "db.url", json!("postgres://db4/app"))
+        .await;
+    until(
+        "the third value in the app container",
+        PROPAGATION,
+        || async {
+            ns.exec(&pod, "app", &["cat", "/config/db.url"])
+                .await
+                .as_deref()
+                == Some("postgres://db4/app")
+        },
+    )
+    .await;
+    let s = poll("the breaker to trip", PROPAGATION, || async {
+        let s = admin.get_json("/status").await;
+        (s["actions"]["breaker_tripped"] == true).then_some(s)
+    })
+    .await;
+    say(&format!(
+        "pods: /status after change 3: status {} actions {}",
+        s["status"], s["actions"]
+    ));
+    assert_eq!(s["status"], "degraded", "{s}");
+    assert_eq!(s["actions"]["runs"], 2, "{}", s["actions"]);
+    assert_eq!(restart_count().await, 2);
+    ns.logs(&pod, "osc-agent", false).await;
+    ns.assert_no_secret_logged();
+}
