@@ -1,6 +1,6 @@
 //! Kubernetes sinks, rollout-restart, environment discovery and RBAC against a real API server.
 //!
-//! Needs `$KUBECONFIG` (CI starts etcd + kube-apiserver + controller-manager with `.ci/k8s-env.sh`).
+//! Needs `$KUBECONFIG` (CI starts a single-node cluster, API server included, with `.ci/k8s-node.sh`).
 //! Without it every test here prints SKIPPED and returns (unless `OSC_REQUIRE_KUBE` is set, as in CI);
 //! with it, any misbehaviour fails the test.
 

@@ -1,5 +1,5 @@
 //! The Helm chart, `manifests/` and the README's sidecar snippet, checked with the real tools that
-//! `.ci/k8s-env.sh install` provides (helm 3.17, kubectl, kubernetes-validate) and, when `$KUBECONFIG` is
+//! `.ci/k8s-node.sh install` provides (helm 3.17, kubectl, kubernetes-validate) and, when `$KUBECONFIG` is
 //! set, installed on a real kube-apiserver:
 //!
 //! - `helm lint --strict` and `helm template` over every values file in `charts/osc-agent/ci/`;
@@ -48,7 +48,7 @@ fn tools(test: &str) -> Option<Tools> {
         cache.display()
     );
     eprintln!(
-        "SKIPPED {test}: run `.ci/k8s-env.sh install` for helm, kubectl and kubernetes-validate"
+        "SKIPPED {test}: run `.ci/k8s-node.sh install` for helm, kubectl and kubernetes-validate"
     );
     None
 }

@@ -335,10 +335,10 @@ impl Ns {
         let local = tokio::time::timeout(Duration::from_secs(30), async {
             while let Ok(Some(line)) = lines.next_line().await {
                 // "Forwarding from 127.0.0.1:41235 -> 8900"
-                if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
-                    if let Some(p) = rest.split_whitespace().next() {
-                        return p.parse::<u16>().expect("local port");
-                    }
+                if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:")
+                    && let Some(p) = rest.split_whitespace().next()
+                {
+                    return p.parse::<u16>().expect("local port");
                 }
             }
             panic!("kubectl port-forward to {target} ended before forwarding");
