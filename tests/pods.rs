@@ -933,3 +933,110 @@ async fn restart_container_action_restarts_the_app_once_per_change_until_the_bre
     ns.logs(&pod, "osc-agent", false).await;
     ns.assert_no_secret_logged();
 }
+
+/// (5b) kubelet's probes gate the pod: with nothing to sync (empty environment, no init container)
+/// the agent's `/readyz` answers 503 and the pod stays `1/2`; once the entry exists it turns Ready.
+/// With the server gone longer than `--stale-after`, `/healthz` fails and kubelet restarts the agent
+/// container (liveness), while the app keeps running on its files.
+#[tokio::test]
+async fn probes_gate_readiness_and_liveness_restarts_the_agent() {
+    let Some(node) = node("probes_gate_readiness_and_liveness_restarts_the_agent") else {
+        return;
+    };
+    let ns = Ns::new(node, "probes").await;
+    let (ip, server) = ns.dev_server(&[]).await;
+    ns.credentials("osc-credentials", USER_KEY).await;
+    let mut values = chart_values(
+        &ip,
+        "osc-credentials",
+        "echo started; while true; do sleep 1 & wait $!; done",
+    );
+    values["initContainer"] = json!(false);
+    values["extraArgs"] = json!(["--stale-after=5s"]);
+    values["readinessProbe"] =
+        json!({"httpGet": {"path": "/readyz", "port": "admin"}, "periodSeconds": 1});
+    values["livenessProbe"] = json!({"httpGet": {"path": "/healthz", "port": "admin"}, "periodSeconds": 1, "failureThreshold": 2});
+    ns.helm_install("prb", &values).await;
+    let pod = ns.release_pod("prb").await;
+
+    // Running, probed, not ready: nothing was synced yet.
+    let status = poll("the agent container running", WAIT, || async {
+        let p = ns.json(&["get", "pod", &pod]).await;
+        let running =
+            !container_status(&p, "containerStatuses", "osc-agent")["state"]["running"].is_null();
+        running.then_some(p)
+    })
+    .await;
+    let admin = ns.port_forward(&pod, 8081).await;
+    let ready = common::http_client()
+        .get(format!("{}/readyz", admin.url))
+        .send()
+        .await
+        .expect("GET /readyz");
+    assert_eq!(ready.status().as_u16(), 503);
+    let reason = ready.text().await.unwrap_or_default();
+    assert!(reason.contains("prod"), "{reason}");
+    let s = admin.get_json("/status").await;
+    assert_eq!(s["ready"], false, "{s}");
+    assert!(!condition(&status, "Ready"), "{status}");
+    let shown = ns.kubectl(&["get", "pod", &pod]).await;
+    say(&format!("pods: before the first entry\n{shown}"));
+    assert!(shown.contains("1/2"), "{shown}");
+    assert_eq!(
+        container_status(&status, "containerStatuses", "osc-agent")["ready"],
+        false
+    );
+
+    // The first entry: kubelet's readiness probe turns the pod Ready.
+    server
+        .api(USER_KEY)
+        .create("prod", "db.url", json!("postgres://db/app"))
+        .await;
+    let status = ns.wait_ready(&pod).await;
+    assert_eq!(
+        container_status(&status, "containerStatuses", "osc-agent")["restartCount"],
+        0
+    );
+    let shown = ns.kubectl(&["get", "pod", &pod]).await;
+    say(&format!("pods: after the first entry\n{shown}"));
+    assert!(shown.contains("2/2"), "{shown}");
+
+    // The server goes away: after --stale-after, /healthz fails and kubelet restarts the agent.
+    drop(admin);
+    drop(server);
+    ns.kubectl(&["delete", "pod", "dev-server", "--wait=false"])
+        .await;
+    let status = poll("a liveness restart of the agent", WAIT, || async {
+        let p = ns.json(&["get", "pod", &pod]).await;
+        let agent = container_status(&p, "containerStatuses", "osc-agent");
+        (agent["restartCount"].as_u64().unwrap_or(0) >= 1).then_some(p)
+    })
+    .await;
+    let agent = container_status(&status, "containerStatuses", "osc-agent");
+    say(&format!("pods: agent after the server left: {agent}"));
+    let events = ns
+        .kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={pod}"),
+        ])
+        .await;
+    assert!(
+        events.contains("Liveness probe failed") && events.contains("osc-agent"),
+        "{events}"
+    );
+    // The app kept running on its files.
+    assert_eq!(
+        container_status(&status, "containerStatuses", "app")["restartCount"],
+        0
+    );
+    assert_eq!(
+        ns.exec(&pod, "app", &["cat", "/config/db.url"])
+            .await
+            .as_deref(),
+        Some("postgres://db/app")
+    );
+    ns.logs(&pod, "osc-agent", true).await;
+    ns.assert_no_secret_logged();
+}
