@@ -1,6 +1,7 @@
 //! Kubernetes sinks, rollout-restart, environment discovery and RBAC against a real API server.
 //!
-//! Needs `$KUBECONFIG` (CI starts etcd + kube-apiserver + controller-manager with `.ci/k8s-env.sh`).
+//! Needs `$KUBECONFIG` (CI starts a single-node cluster, API server included, with
+//! `.ci/k8s-node.sh`).
 //! Without it every test here shows as ignored, with the reason (unless `OSC_REQUIRE_KUBE` is set, as in
 //! CI: then it fails); with it, any misbehaviour fails the test. `harness = false`: see
 //! `common::run_tests`.

@@ -1,5 +1,5 @@
 //! The Helm chart, `manifests/` and the README's sidecar snippet, checked with the real tools that
-//! `.ci/k8s-env.sh install` provides (helm 3.17, kubectl, kubernetes-validate) and, when `$KUBECONFIG` is
+//! `.ci/k8s-node.sh install` provides (helm 3.17, kubectl, kubernetes-validate) and, when `$KUBECONFIG` is
 //! set, installed on a real kube-apiserver:
 //!
 //! - `helm lint --strict` and `helm template` over every values file in `charts/osc-agent/ci/`;
@@ -70,6 +70,11 @@ fn main() {
         (
             "native_sidecar_needs_kubernetes_1_29",
             TestFn::Sync(native_sidecar_needs_kubernetes_1_29),
+            no_tools.clone(),
+        ),
+        (
+            "process_actions_need_the_app_to_run_as_the_agents_user",
+            TestFn::Sync(process_actions_need_the_app_to_run_as_the_agents_user),
             no_tools.clone(),
         ),
         (
@@ -148,7 +153,7 @@ fn tools(test: &str) -> Option<Tools> {
 /// Why the tools are missing, or `None`.
 fn tools_missing() -> Option<String> {
     tools("packaging").is_none().then(|| {
-        "helm, kubectl or kubernetes-validate is missing: run `.ci/k8s-env.sh install`".to_owned()
+        "helm, kubectl or kubernetes-validate is missing: run `.ci/k8s-node.sh install`".to_owned()
     })
 }
 
@@ -1021,6 +1026,50 @@ fn native_sidecar_needs_kubernetes_1_29() {
         container_names(deployment(&docs), "initContainers"),
         ["osc-agent-init"]
     );
+}
+
+/// Found on the real node (tests/pods.rs): the KILL capability never reaches a non-root agent's process,
+/// so signal and restart-container work only on an app of the agent's own user. The chart refuses the
+/// combination that would fail at the first change, and accepts the ones that work.
+fn process_actions_need_the_app_to_run_as_the_agents_user() {
+    let Some(t) = tools("process_actions_need_the_app_to_run_as_the_agents_user") else {
+        return;
+    };
+    for action in [
+        "{type: signal, process: app, signal: HUP}",
+        "{type: restart-container, process: app}",
+    ] {
+        let actions = format!("actions: [{action}]\n");
+        for other in [
+            "app: {securityContext: {runAsUser: 1000}}\n",
+            "securityContext: {runAsUser: 1000}\n",
+            "podSecurityContext: {runAsUser: 1000}\nsecurityContext: {runAsUser: 65532}\n",
+        ] {
+            let err = refused(&t, &format!("{actions}{other}"), KUBE);
+            assert!(
+                err.contains("need the app to run as the agent's user")
+                    && err.contains("app.securityContext.runAsUser"),
+                "{other}: {err}"
+            );
+        }
+        for works in [
+            "",
+            "app: {securityContext: {runAsUser: 65532}}\n",
+            "podSecurityContext: {runAsUser: 1000, runAsGroup: 1000, fsGroup: 1000}\n",
+            "securityContext: {runAsUser: 0, runAsNonRoot: false}\napp: {securityContext: {runAsUser: 1000}}\n",
+        ] {
+            let docs = render_with(&t, &format!("{actions}{works}"), KUBE);
+            let spec = deployment(&docs);
+            assert_eq!(spec["shareProcessNamespace"], true, "{works}");
+            assert_eq!(
+                container(spec, "containers", "osc-agent")["securityContext"]["capabilities"]["add"],
+                json!(["KILL"]),
+                "{works}"
+            );
+        }
+    }
+    // Without such an action, users differ freely.
+    render_with(&t, "app: {securityContext: {runAsUser: 1000}}\n", KUBE);
 }
 
 fn copy_dir(from: &Path, to: &Path) {

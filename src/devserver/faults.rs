@@ -34,6 +34,11 @@ pub struct FaultState {
     /// Whether `GET /cluster/configs` exists (default true). When false it answers 404
     /// `{"detail":"Not Found"}`, like a server without the route.
     pub cluster_configs: bool,
+    /// When true, every route but `/_dev/*` answers `503 {"detail":"Service Unavailable"}` (a server
+    /// behind a proxy with no healthy backend), and turning it on closes every open stream. Lets a
+    /// test start a client against a server that is down, then bring it back at the same address.
+    #[serde(default)]
+    pub unavailable: bool,
 }
 
 /// A partial update, as accepted by `POST /_dev/faults`.
@@ -45,6 +50,7 @@ pub struct FaultUpdate {
     pub queue_size: Option<u64>,
     pub paused: Option<bool>,
     pub cluster_configs: Option<bool>,
+    pub unavailable: Option<bool>,
 }
 
 /// The live fault switches, shared by the HTTP handlers and every stream.
@@ -55,6 +61,7 @@ pub struct Faults {
     queue_size: AtomicU64,
     paused: watch::Sender<bool>,
     cluster_configs: AtomicBool,
+    unavailable: AtomicBool,
 }
 
 impl Faults {
@@ -66,6 +73,7 @@ impl Faults {
             queue_size: AtomicU64::new(initial.queue_size),
             paused: watch::Sender::new(initial.paused),
             cluster_configs: AtomicBool::new(initial.cluster_configs),
+            unavailable: AtomicBool::new(initial.unavailable),
         })
     }
 
@@ -76,6 +84,7 @@ impl Faults {
             queue_size: self.queue_size.load(Ordering::SeqCst),
             paused: *self.paused.borrow(),
             cluster_configs: self.cluster_configs.load(Ordering::SeqCst),
+            unavailable: self.unavailable.load(Ordering::SeqCst),
         }
     }
 
@@ -88,6 +97,7 @@ impl Faults {
             queue_size: update.queue_size.unwrap_or(current.queue_size),
             paused: update.paused.unwrap_or(current.paused),
             cluster_configs: update.cluster_configs.unwrap_or(current.cluster_configs),
+            unavailable: update.unavailable.unwrap_or(current.unavailable),
         };
         validate(&next)?;
         self.drop_every.store(next.drop_every, Ordering::SeqCst);
@@ -95,12 +105,18 @@ impl Faults {
         self.queue_size.store(next.queue_size, Ordering::SeqCst);
         self.cluster_configs
             .store(next.cluster_configs, Ordering::SeqCst);
+        self.unavailable.store(next.unavailable, Ordering::SeqCst);
         self.paused.send_if_modified(|paused| {
             let changed = *paused != next.paused;
             *paused = next.paused;
             changed
         });
         Ok(next)
+    }
+
+    /// Whether the server plays down (see [`FaultState::unavailable`]).
+    pub fn unavailable(&self) -> bool {
+        self.unavailable.load(Ordering::SeqCst)
     }
 
     /// A receiver that observes `paused` changes (each stream holds one).
@@ -130,6 +146,7 @@ mod tests {
             queue_size: 100,
             paused: false,
             cluster_configs: true,
+            unavailable: false,
         }
     }
 

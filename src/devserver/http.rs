@@ -102,8 +102,21 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         })
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            unavailable_gate,
+        ))
         .layer(middleware::from_fn(log_request))
         .with_state(app)
+}
+
+/// The `unavailable` fault: 503 for every route but the `/_dev/` controls.
+async fn unavailable_gate(State(app): State<App>, request: Request, next: Next) -> Response {
+    if app.hub.faults().unavailable() && !request.uri().path().starts_with("/_dev/") {
+        return ApiError::detail(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// Logs method, path and status only: never query values, headers or bodies.
@@ -744,6 +757,9 @@ async fn set_faults(State(app): State<App>, body: Bytes) -> Result<Response, Api
         .faults()
         .apply(update)
         .map_err(|e| ApiError::detail(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    if state.unavailable {
+        app.hub.close_all();
+    }
     tracing::info!(?state, "dev-server fault switches changed");
     Ok(json_ok(&json!(state)))
 }

@@ -417,6 +417,7 @@ fn prepare(args: &DevServerArgs) -> Result<Prepared, DevServerError> {
         queue_size: args.queue_size,
         paused: false,
         cluster_configs: !args.no_cluster_configs,
+        unavailable: false,
     })
     .map_err(DevServerError::Faults)?;
     let hub = Arc::new(Hub::new(

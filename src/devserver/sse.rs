@@ -516,6 +516,7 @@ mod tests {
             queue_size: 10,
             paused: false,
             cluster_configs: true,
+            unavailable: false,
         })
         .unwrap();
         let hub = Arc::new(Hub::new(

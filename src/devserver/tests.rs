@@ -653,7 +653,7 @@ async fn paused_queue_overflow_drops_the_newest_events() {
     let state = set_faults(addr, json!({"paused": true})).await;
     assert_eq!(
         state,
-        json!({"drop_every": 0, "workers": 1, "queue_size": 3, "paused": true, "cluster_configs": true})
+        json!({"drop_every": 0, "workers": 1, "queue_size": 3, "paused": true, "cluster_configs": true, "unavailable": false})
     );
 
     create(
@@ -768,6 +768,49 @@ async fn cut_breaks_streams_and_close_ends_them_cleanly() {
         .await
         .expect("prompt shutdown");
     assert_eq!(open.ending().await, Ending::Clean);
+}
+
+#[tokio::test]
+async fn unavailable_answers_503_closes_streams_and_comes_back() {
+    let server = start(quiet_args()).await;
+    let addr = server.addr();
+    create(
+        addr,
+        ALICE,
+        json!({"key": "k", "value": 1, "environment": "prod"}),
+    )
+    .await;
+    let mut open = Sse::open(addr, "/sse/subscribe?environment=prod", &[]).await;
+    open.next_message().await;
+
+    let state = set_faults(addr, json!({"unavailable": true})).await;
+    assert_eq!(state["unavailable"], true);
+    assert_eq!(open.ending().await, Ending::Clean);
+    let keys = user(ALICE);
+    for (method, target) in [
+        ("GET", "/configs/k?environment=prod"),
+        ("GET", "/configs?environment=prod"),
+        ("GET", "/cluster/configs?environment=prod"),
+        ("GET", "/sse/subscribe?environment=prod"),
+        ("GET", "/health"),
+    ] {
+        let reply = call(addr, method, target, &keys, None).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (503, r#"{"detail":"Service Unavailable"}"#),
+            "{method} {target}"
+        );
+    }
+    // The controls still answer, and the store kept its entries.
+    assert_eq!(
+        call(addr, "GET", "/_dev/stats", &[], None).await.status,
+        200
+    );
+    set_faults(addr, json!({"unavailable": false})).await;
+    let back = call(addr, "GET", "/configs/k?environment=prod", &keys, None).await;
+    assert_eq!(back.status, 200, "{}", back.body);
+    assert_eq!(back.json()["value"], 1);
+    server.shutdown().await;
 }
 
 #[tokio::test]

@@ -986,7 +986,7 @@ pub fn usable_signals(status: &str, field: &str) -> Vec<i32> {
 
 // ---- Tests that need a cluster: reported as ignored (with the reason) when there is none ----
 
-/// One async test of a `harness = false` test binary (see [`run_cluster_tests`]).
+/// One async test of a `harness = false` test binary (see [`run_tests`]).
 pub type AsyncTest = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// `async_tests![a, b]`: the named `async fn`s as `(name, AsyncTest)` pairs.
@@ -1007,7 +1007,7 @@ pub fn missing_cluster() -> Option<String> {
         std::env::var_os("OSC_REQUIRE_KUBE").is_none(),
         "OSC_REQUIRE_KUBE is set but $KUBECONFIG is not"
     );
-    Some("$KUBECONFIG is not set: start a cluster with .ci/k8s-env.sh up (CI does)".into())
+    Some("$KUBECONFIG is not set: start a node with `.ci/k8s-node.sh up` and set KUBECONFIG=target/k8s-node/kubeconfig (CI does)".into())
 }
 
 /// The `main` of a test binary with `harness = false`: libtest's command line (filters, `--list`,

@@ -152,6 +152,20 @@ needs the API. */}}
 {{- fail (printf "nativeSidecar: true needs Kubernetes >= 1.29 (init containers with restartPolicy: Always); this cluster is %s. Set nativeSidecar: false (a --once init container plus a regular sidecar)." .Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- end -}}
+{{- if and (include "osc-agent.needsProcesses" .) $v.app.enabled -}}
+{{- $podSc := $v.podSecurityContext | default dict -}}
+{{- $agentSc := $v.securityContext | default dict -}}
+{{- $appSc := $v.app.securityContext | default dict -}}
+{{- $agentUid := "65532" -}}
+{{- if hasKey $podSc "runAsUser" }}{{ $agentUid = toString $podSc.runAsUser }}{{ end -}}
+{{- if hasKey $agentSc "runAsUser" }}{{ $agentUid = toString $agentSc.runAsUser }}{{ end -}}
+{{- $appUid := "" -}}
+{{- if hasKey $podSc "runAsUser" }}{{ $appUid = toString $podSc.runAsUser }}{{ end -}}
+{{- if hasKey $appSc "runAsUser" }}{{ $appUid = toString $appSc.runAsUser }}{{ end -}}
+{{- if and (ne $agentUid "0") $appUid (ne $agentUid $appUid) -}}
+{{- fail (printf "actions: signal and restart-container need the app to run as the agent's user: the agent runs as %v, the app as %v. A non-root process keeps no capability (KILL included) across exec in Kubernetes, so it may only signal its own user's processes. Set app.securityContext.runAsUser to %v (or leave it unset: the pod's podSecurityContext.runAsUser applies to both)." $agentUid $appUid $agentUid) -}}
+{{- end -}}
+{{- end -}}
 {{- if include "osc-agent.initOnly" . -}}
 {{- if $v.actions -}}
 {{- fail "runMode: init-only syncs once before the app starts: actions need the sidecar (runMode: sidecar) — remove them" -}}
@@ -183,6 +197,10 @@ or "#"). */}}
 {{- if $v.server.insecureSkipTlsVerify }}
 - --insecure-skip-tls-verify
 {{- end }}
+{{- with $v.fallbackBackup }}{{ if .secretName }}
+- {{ printf "--fallback-backup=/var/run/secrets/osc-agent-backup/%s" .backupKey | quote }}
+- {{ printf "--backup-password-file=/var/run/secrets/osc-agent-backup/%s" .passwordKey | quote }}
+{{- end }}{{ end }}
 {{- range $v.selection.include }}
 - {{ printf "--include=%s" . | quote }}
 {{- end }}
@@ -268,6 +286,11 @@ app is not running yet) and the admin server. */}}
 {{- if .Values.server.caSecret.name }}
 - name: osc-agent-ca
   mountPath: /var/run/secrets/osc-agent-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.fallbackBackup.secretName }}
+- name: osc-agent-backup
+  mountPath: /var/run/secrets/osc-agent-backup
   readOnly: true
 {{- end }}
 {{- if eq .Values.output.mode "files" }}
@@ -364,6 +387,12 @@ sidecar. Empty when there is none. */}}
   secret:
     secretName: {{ .Values.server.caSecret.name }}
     defaultMode: 292
+{{- end }}
+{{- if .Values.fallbackBackup.secretName }}
+- name: osc-agent-backup
+  secret:
+    secretName: {{ .Values.fallbackBackup.secretName }}
+    defaultMode: 288
 {{- end }}
 {{- if eq .Values.output.mode "files" }}
 - name: osc-agent-output
