@@ -501,9 +501,13 @@ fn check_args(args: &[String], namespace: &str) -> Result<(), Denial> {
         for (flag, ann) in FLAG_ANNOTATIONS {
             msg = msg.replace(&setting(flag), &format!("{PREFIX}{ann}"));
         }
-        Denial::new(format!(
-            "the osc-agent.io annotations give the agent an invalid configuration: {msg}"
-        ))
+        if msg.starts_with(PREFIX) {
+            Denial::new(msg)
+        } else {
+            Denial::new(format!(
+                "the osc-agent.io annotations give the agent an invalid configuration: {msg}"
+            ))
+        }
     };
     let command = AgentArgs::augment_args(clap::Command::new("osc-agent").no_binary_name(true))
         .mut_args(|a| a.env(None::<&'static str>));
