@@ -88,9 +88,15 @@ impl Outcome {
 
 /// The answer to `review`, and what it was. A review without a request is an [`Outcome::Error`] with an
 /// empty uid (the API server never sends one).
-pub fn respond(review: &AdmissionReview, defaults: &InjectorDefaults) -> (AdmissionReview, Outcome) {
+pub fn respond(
+    review: &AdmissionReview,
+    defaults: &InjectorDefaults,
+) -> (AdmissionReview, Outcome) {
     let (response, outcome) = match &review.request {
-        None => (refuse(String::new(), 400, "no request in the AdmissionReview"), Outcome::Error),
+        None => (
+            refuse(String::new(), 400, "no request in the AdmissionReview"),
+            Outcome::Error,
+        ),
         Some(req) => answer(req, defaults),
     };
     (
@@ -140,7 +146,11 @@ fn answer(req: &AdmissionRequest, defaults: &InjectorDefaults) -> (AdmissionResp
         Ok(p) => p,
         Err(e) => {
             return (
-                refuse(uid, 400, format!("osc-agent injector cannot read the pod: {e}")),
+                refuse(
+                    uid,
+                    400,
+                    format!("osc-agent injector cannot read the pod: {e}"),
+                ),
                 Outcome::Error,
             );
         }
@@ -164,7 +174,11 @@ fn answer(req: &AdmissionRequest, defaults: &InjectorDefaults) -> (AdmissionResp
                 Outcome::Injected,
             ),
             Err(e) => (
-                refuse(uid, 500, format!("osc-agent injector cannot encode its patch: {e}")),
+                refuse(
+                    uid,
+                    500,
+                    format!("osc-agent injector cannot encode its patch: {e}"),
+                ),
                 Outcome::Error,
             ),
         },
@@ -204,9 +218,7 @@ mod tests {
 
     #[test]
     fn injects_denies_and_skips() {
-        let pod = |ann: Value| {
-            json!({"metadata": {"annotations": ann}, "spec": {"containers": [{"name": "app"}]}})
-        };
+        let pod = |ann: Value| json!({"metadata": {"annotations": ann}, "spec": {"containers": [{"name": "app"}]}});
         let (out, outcome) = respond(
             &review(pod(json!({
                 "osc-agent.io/inject": "true",

@@ -8,7 +8,10 @@
 //! [`server`] serves that over HTTPS (`osc-agent injector`). The annotations are listed in
 //! [`annotations`] and in the README ("Inject into your own workloads").
 
+pub mod admission;
 pub mod annotations;
 mod mutate;
+pub mod server;
+mod tls;
 
 pub use mutate::{Denial, InjectorDefaults, mutate};
