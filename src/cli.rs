@@ -33,6 +33,8 @@ pub enum Command {
     /// Validate a configuration (flags, env vars, config file and the files they name) without contacting
     /// the server: `osc-agent check --server ... --environment ... --output-dir ...`.
     Check(Box<crate::check::CheckArgs>),
+    /// Mutating admission webhook (HTTPS): adds the agent to pods annotated `osc-agent.io/inject: "true"`.
+    Injector(Box<crate::injector::server::InjectorArgs>),
 }
 
 #[derive(Subcommand, Debug)]

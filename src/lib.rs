@@ -17,6 +17,7 @@ pub mod demo;
 pub mod devserver;
 pub mod exit;
 pub mod hash;
+pub mod injector;
 pub mod live;
 pub mod logging;
 pub mod render;

@@ -39,6 +39,10 @@ fn main() -> ExitCode {
                 run::inspect_backup(args).await.code()
             }
             Some(Command::Check(args)) => osc_agent::check::run(*args).code(),
+            Some(Command::Injector(args)) => {
+                logging::init(args.log_format.unwrap_or_default());
+                osc_agent::injector::server::run(*args).await.code()
+            }
             None => agent(cli.agent).await.code(),
         }
     })
