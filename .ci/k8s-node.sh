@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Copied from ../shared/tools/k8s-node.sh (2026-12-03); local changes: none so far (list them here).
+# Copied from ../shared/tools/k8s-node.sh (2026-12-03); local changes (list them here):
+#   - kube-apiserver --enable-aggregator-routing: admission webhooks are called at a Service's endpoints (pod
+#     IPs) instead of its ClusterIP, which nothing routes here (no kube-proxy); tests/pods.rs's injector needs it.
 # k8s-node.sh: a real single-node Kubernetes v1.20.2 cluster (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubelet, containerd, runc) for tests that `helm install` a chart and watch real pods run.
 #   install                      apt packages; the 4 Kubernetes binaries (one build of Debian's kubernetes source); helm,
@@ -179,7 +181,8 @@ node_main() {  # inside the netns, in the mount namespace `ip netns exec` made (
     "$NODE_IP" --secure-port "$PORT" --insecure-port 0 --tls-cert-file "$P/apiserver.crt" --tls-private-key-file \
     "$P/apiserver.key" --cert-dir "$P" --token-auth-file "$P/tokens.csv" --authorization-mode RBAC \
     --kubelet-preferred-address-types InternalIP --service-account-issuer https://kubernetes.default.svc \
-    --service-account-key-file "$P/sa.pub" --service-account-signing-key-file "$P/sa.key" --service-cluster-ip-range 10.96.0.0/24
+    --service-account-key-file "$P/sa.pub" --service-account-signing-key-file "$P/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
+    --enable-aggregator-routing
   start containerd containerd --config "$RUN/containerd.toml"
   start relay socat "UNIX-LISTEN:$RUN/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$PORT"
   wait_for "containerd socket" test -S /run/containerd/containerd.sock

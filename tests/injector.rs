@@ -69,6 +69,8 @@ impl Injector {
             .args(["--agent-image", "ghcr.io/osc-agent/osc-agent:0.1.0"])
             .args(extra)
             .env("POD_NAMESPACE", "osc-system")
+            // Never the CI cluster's: the audit (--audit-interval) stays off for want of credentials.
+            .env_remove("KUBECONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -78,6 +78,16 @@ fn main() {
             no_tools.clone(),
         ),
         (
+            "injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle",
+            TestFn::Sync(injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle),
+            no_tools.clone(),
+        ),
+        (
+            "injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades",
+            TestFn::Sync(injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades),
+            no_cluster.clone(),
+        ),
+        (
             "named_templates_work_from_a_parent_chart",
             TestFn::Sync(named_templates_work_from_a_parent_chart),
             no_tools.clone(),
@@ -236,6 +246,9 @@ fn args_of(c: &Value) -> Vec<String> {
 
 /// `osc-agent check --skip-files` accepts these arguments (the downward-API variables set).
 fn check_args(what: &str, args: &[String]) {
+    if args.first().is_some_and(|a| a == "injector") {
+        return check_injector_args(what, args);
+    }
     let out = Command::new(BIN)
         .arg("check")
         .arg("--skip-files")
@@ -249,6 +262,26 @@ fn check_args(what: &str, args: &[String]) {
         out.status.success(),
         "{what}: osc-agent check rejects {args:?}:\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The injector's flags are real: with them, the binary gets as far as reading the certificate file
+/// (which does not exist here) and names that file; an unknown or malformed flag would fail earlier.
+fn check_injector_args(what: &str, args: &[String]) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("POD_NAMESPACE", "my-app")
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("osc-agent injector");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(2)
+            && err.contains("/var/run/secrets/osc-injector-tls/tls.crt")
+            && !err.contains("unexpected argument")
+            && !err.contains("invalid value"),
+        "{what}: osc-agent {args:?}:\n{err}"
     );
 }
 
@@ -353,6 +386,11 @@ fn chart_lints_renders_valid_objects_and_only_real_flags() {
             "{name}: no osc-agent container"
         );
 
+        if name.starts_with("injector") {
+            // No agent Deployment of its own: the injector's is checked in
+            // injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle.
+            continue;
+        }
         let spec = deployment(&docs);
         let native = spec["initContainers"][0]["restartPolicy"] == "Always";
         let sidecar = if native {
@@ -1070,6 +1108,272 @@ fn process_actions_need_the_app_to_run_as_the_agents_user() {
     }
     // Without such an action, users differ freely.
     render_with(&t, "app: {securityContext: {runAsUser: 1000}}\n", KUBE);
+}
+
+const INJECTOR: &str = "standalone: {enabled: false}\n\
+                        injector: {enabled: true, defaultServer: \"https://osc.example:9000\"}\n";
+
+/// `openssl verify`: `cert` (base64 PEM) is signed by `ca` (base64 PEM) and valid for `host`.
+fn verify_certificate(ca_b64: &str, cert_b64: &str, host: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&ca, b64.decode(ca_b64).map_err(|e| e.to_string())?).unwrap();
+    std::fs::write(&cert, b64.decode(cert_b64).map_err(|e| e.to_string())?).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca)
+        .args(["-verify_hostname", host])
+        .arg(&cert)
+        .output()
+        .map_err(|e| format!("openssl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+fn webhook(docs: &[Value]) -> &Value {
+    let w = find(docs, "MutatingWebhookConfiguration");
+    assert_eq!(w.len(), 1, "one MutatingWebhookConfiguration");
+    &w[0]["webhooks"][0]
+}
+
+/// Issue 12: the injector's objects (kubernetes-validate --strict at 1.29; the 1.20 API server itself in
+/// the next test), the chart-made certificate valid for the Service's name and signed by the CA in the
+/// webhook's caBundle, the selectors that keep the injector's own pods and namespaces out, and the values
+/// the chart refuses.
+fn injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle() {
+    let Some(t) = tools("injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle")
+    else {
+        return;
+    };
+    let docs = render_with(&t, INJECTOR, KUBE);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "Secret",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert_eq!(
+            kinds.iter().filter(|k| **k == kind).count(),
+            1,
+            "{kind}: {kinds:?}"
+        );
+    }
+    // Injector only: no credentials Secret, no agent Deployment of its own.
+    let secret = &find(&docs, "Secret")[0];
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let d = &find(&docs, "Deployment")[0];
+    assert_eq!(d["metadata"]["name"], "rel-osc-agent-injector");
+    let spec = &d["spec"]["template"]["spec"];
+    let c = container(spec, "containers", "injector");
+    let args = args_of(c);
+    for want in [
+        "injector",
+        "--default-server=https://osc.example:9000",
+        "--native-sidecar=true",
+        "--audit-interval=60s",
+        "--agent-image=ghcr.io/osc-agent/osc-agent:0.1.0",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want}: {args:?}");
+    }
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["labels"]["osc-agent.io/injector"],
+        "true"
+    );
+    // The injector's labels never match the standalone agent's selector (name differs).
+    assert_eq!(
+        d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "osc-agent-injector"
+    );
+
+    let hook = webhook(&docs);
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(
+        hook["clientConfig"]["service"]["name"],
+        "rel-osc-agent-injector"
+    );
+    assert_eq!(hook["clientConfig"]["service"]["namespace"], "my-app");
+    assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
+    assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
+    assert_eq!(
+        hook["objectSelector"]["matchExpressions"],
+        json!([{"key": "osc-agent.io/injector", "operator": "DoesNotExist"}])
+    );
+    let ns_sel = hook["namespaceSelector"]["matchExpressions"].to_string();
+    assert!(
+        ns_sel.contains("kubernetes.io/metadata.name")
+            && ns_sel.contains("kube-system")
+            && ns_sel.contains("my-app"),
+        "{ns_sel}"
+    );
+    let ca = hook["clientConfig"]["caBundle"].as_str().expect("caBundle");
+    assert_eq!(secret["data"]["ca.crt"], ca);
+    let cert = secret["data"]["tls.crt"].as_str().expect("tls.crt");
+    verify_certificate(ca, cert, "rel-osc-agent-injector.my-app.svc")
+        .unwrap_or_else(|e| panic!("the certificate does not match the caBundle: {e}"));
+    assert!(
+        verify_certificate(ca, cert, "other.my-app.svc").is_err(),
+        "the certificate is valid for any name"
+    );
+
+    // Kubernetes 1.20: no metadata.name label on namespaces yet, PDB policy/v1beta1, no native sidecars.
+    let old = render_with(&t, INJECTOR, "1.20.2");
+    let ns_sel = webhook(&old)["namespaceSelector"].to_string();
+    assert!(!ns_sel.contains("kubernetes.io/metadata.name"), "{ns_sel}");
+    assert!(ns_sel.contains("osc-agent.io/inject"), "{ns_sel}");
+    assert_eq!(
+        find(&old, "PodDisruptionBudget")[0]["apiVersion"],
+        "policy/v1beta1"
+    );
+    let args = args_of(container(
+        &find(&old, "Deployment")[0]["spec"]["template"]["spec"],
+        "containers",
+        "injector",
+    ));
+    assert!(
+        args.iter().any(|a| a == "--native-sidecar=false"),
+        "{args:?}"
+    );
+
+    // Audit off: no ClusterRole, no token.
+    let quiet = render_with(
+        &t,
+        &format!("{INJECTOR}injector: {{enabled: true, auditInterval: \"0\"}}\n"),
+        KUBE,
+    );
+    assert!(find(&quiet, "ClusterRole").is_empty());
+    assert_eq!(
+        find(&quiet, "Deployment")[0]["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+
+    // Refused, naming the value.
+    for (extra, kube, says) in [
+        (
+            "injector: {enabled: true, nativeSidecar: true}\n",
+            "1.20.2",
+            "injector.nativeSidecar: true needs Kubernetes >= 1.29",
+        ),
+        (
+            "injector: {enabled: true, failurePolicy: Sometimes}\n",
+            KUBE,
+            "failurePolicy",
+        ),
+        (
+            "injector: {enabled: true, tls: {existingSecret: my-tls}}\n",
+            KUBE,
+            "injector.tls.caBundle",
+        ),
+        (
+            "injector: {enabled: true, auditInterval: soon}\n",
+            KUBE,
+            "auditInterval",
+        ),
+    ] {
+        let err = refused(&t, extra, kube);
+        assert!(err.contains(says), "{extra}: {err}");
+    }
+    // A certificate of your own: the Secret is yours, the caBundle is what you give.
+    let own = render_with(
+        &t,
+        &format!(
+            "{INJECTOR}injector: {{enabled: true, tls: {{existingSecret: my-tls, caBundle: Zm9v}}}}\n"
+        ),
+        KUBE,
+    );
+    assert!(find(&own, "Secret").is_empty());
+    assert_eq!(webhook(&own)["clientConfig"]["caBundle"], "Zm9v");
+}
+
+/// On the node's API server (Kubernetes 1.20): the injector release is accepted as is, and a `helm upgrade`
+/// keeps the certificate and the caBundle (read back with `lookup`), so pods are not cut off on upgrades.
+fn injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades() {
+    let test = "injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades";
+    let Some(t) = tools(test) else { return };
+    let kubeconfig = std::env::var_os("KUBECONFIG").expect("the harness checked $KUBECONFIG");
+    let kubectl = |args: &[&str]| {
+        run(Command::new(&t.kubectl)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args))
+    };
+    let ns = format!("pkg-inj-{}", std::process::id());
+    kubectl(&["create", "namespace", &ns]);
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        format!("{INJECTOR}injector: {{enabled: true, replicas: 1}}\nimage: {{repository: localhost/none, tag: x, pullPolicy: Never}}\n"),
+    )
+    .unwrap();
+    let helm = |verb: &str| {
+        run(Command::new(&t.helm)
+            .env("KUBECONFIG", &kubeconfig)
+            .args([verb, "inj", "--namespace", &ns, "--wait=false"])
+            .arg(chart())
+            .arg("-f")
+            .arg(values.path()))
+    };
+    let state = || {
+        let secret: Value = serde_json::from_str(&kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "secret",
+            "inj-osc-agent-injector-tls",
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        let hook: Value = serde_json::from_str(&kubectl(&[
+            "get",
+            "mutatingwebhookconfiguration",
+            &format!("{ns}-inj-osc-agent-injector"),
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        (
+            secret["data"]["tls.crt"].as_str().unwrap().to_owned(),
+            secret["data"]["ca.crt"].as_str().unwrap().to_owned(),
+            hook["webhooks"][0]["clientConfig"]["caBundle"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    };
+    helm("install");
+    let first = state();
+    assert_eq!(first.1, first.2, "caBundle is not the Secret's CA");
+    helm("upgrade");
+    let second = state();
+    assert_eq!(first, second, "helm upgrade replaced the certificate");
+    run(Command::new(&t.helm).env("KUBECONFIG", &kubeconfig).args([
+        "uninstall",
+        "inj",
+        "--namespace",
+        &ns,
+    ]));
+    // The webhook configuration is cluster-scoped: gone with the release, not left to intercept pods.
+    let left = kubectl(&["get", "mutatingwebhookconfigurations", "-o", "name"]);
+    assert!(
+        !left.contains(&format!("{ns}-inj-osc-agent-injector")),
+        "{left}"
+    );
+    kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -57,6 +57,7 @@ fn main() {
             probes_gate_readiness_and_liveness_restarts_the_agent,
             secret_mode_rollout_restart_two_replicas_one_rollout_per_change,
             server_down_at_start_the_fallback_backup_starts_the_pod_stale_and_it_heals,
+            injector_adds_the_agent_to_annotated_pods_only,
         ],
     );
 }
@@ -1044,15 +1045,14 @@ trap 'echo stopping; exit 0' TERM
 while true; do sleep 1 & wait $!; done
 "#;
 
-/// The Deployment of a release, once it has rolled out completely: `replicas` pods updated, ready and
+/// A Deployment, once it has rolled out completely: `replicas` pods updated, ready and
 /// available, none left over, and the controller has seen the latest spec.
-async fn rolled_out(ns: &Ns, release: &str, replicas: u64) -> Value {
-    let name = format!("{release}-osc-agent");
+async fn rolled_out(ns: &Ns, name: &str, replicas: u64) -> Value {
     poll(
         &format!("Deployment {name}: {replicas} replicas rolled out"),
         WAIT,
         || async {
-            let d = ns.json(&["get", "deployment", &name]).await;
+            let d = ns.json(&["get", "deployment", name]).await;
             let st = &d["status"];
             let done = st["observedGeneration"] == d["metadata"]["generation"]
                 && [
@@ -1125,7 +1125,7 @@ async fn secret_mode_rollout_restart_two_replicas_one_rollout_per_change() {
     values["actions"] = json!([{"type": "rollout-restart"}]);
     values["actionCooldown"] = json!("1s");
     ns.helm_install("ro", &values).await;
-    rolled_out(&ns, "ro", 2).await;
+    rolled_out(&ns, "ro-osc-agent", 2).await;
     let sets = replica_sets(&ns, "ro").await;
     assert_eq!(sets.len(), 1, "one ReplicaSet at start");
 
@@ -1182,7 +1182,7 @@ async fn secret_mode_rollout_restart_two_replicas_one_rollout_per_change() {
             || async { replica_sets(&ns, "ro").await.len() >= n },
         )
         .await;
-        rolled_out(&ns, "ro", 2).await;
+        rolled_out(&ns, "ro-osc-agent", 2).await;
         let sets = replica_sets(&ns, "ro").await;
         assert_eq!(sets.len(), n, "exactly one rollout per change");
         let newest = pods_of(&ns, &sets[n - 1]).await;
@@ -1296,5 +1296,264 @@ async fn server_down_at_start_the_fallback_backup_starts_the_pod_stale_and_it_he
     .await;
     assert_eq!(s["sync"]["last_error"], Value::Null, "{s}");
     ns.logs(&pod, "osc-agent", false).await;
+    ns.assert_no_secret_logged();
+}
+
+/// A Deployment `web` whose pod template carries `annotations`; its busybox app prints what it reads at
+/// start (like [`APP_SCRIPT`]), as user 1000.
+fn annotated_deployment(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}, "annotations": annotations},
+                "spec": {
+                    "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                        "command": ["sh", "-c", APP_SCRIPT],
+                        "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+                                            "capabilities": {"drop": ["ALL"]}}
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// The one Running pod of `web` in `ns`.
+async fn web_pod(ns: &Ns) -> Value {
+    poll("the pod of web", WAIT, || async {
+        let pods = ns.json(&["get", "pods", "-l", "app=web"]).await;
+        match pods["items"].as_array().map(|a| a.as_slice()) {
+            Some([one]) if one["metadata"]["deletionTimestamp"].is_null() => Some(one.clone()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+fn names(spec: &Value, list: &str) -> Vec<String> {
+    spec[list]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Issue 12 on the real node: the chart's injector (2 replicas, TLS from the chart, called by the API
+/// server over HTTPS) adds the agent to a Deployment carrying only the annotations; the app reads the
+/// synced files and sees a change; a pod in an excluded namespace is untouched; a bad annotation denies
+/// the pod with a message naming it; with the injector gone and `failurePolicy: Ignore`, a pod is
+/// created without the agent, and the injector's audit marks it with an `AgentNotInjected` Event.
+async fn injector_adds_the_agent_to_annotated_pods_only() {
+    let ns = Ns::new(node(), "inject").await;
+    let apps = Ns::new(node(), "inject-apps").await;
+    let skipped = Ns::new(node(), "inject-skip").await;
+    let (ip, server) = ns
+        .dev_server(&[
+            ("db.url", json!("postgres://db/app")),
+            ("api.token", json!(SECRET_VALUE)),
+        ])
+        .await;
+    let values = json!({
+        "standalone": {"enabled": false},
+        "image": {"repository": "localhost/osc-agent", "tag": "pods", "pullPolicy": "Never"},
+        "injector": {
+            "enabled": true,
+            "defaultServer": format!("http://{ip}:{DEV_PORT}"),
+            "excludeNamespaces": [skipped.name],
+            "auditInterval": "2s",
+        }
+    });
+    ns.helm_install("inj", &values).await;
+    rolled_out(&ns, "inj-osc-agent-injector", 2).await;
+    let webhook = ns
+        .run(
+            &ns.node.kubectl,
+            &[
+                "get",
+                "mutatingwebhookconfiguration",
+                &format!("{}-inj-osc-agent-injector", ns.name),
+                "-o",
+                "json",
+            ],
+        )
+        .await;
+    let webhook: Value = serde_json::from_str(&webhook).expect("webhook JSON");
+    assert_eq!(webhook["webhooks"][0]["failurePolicy"], "Ignore");
+
+    let annotations = json!({
+        "osc-agent.io/inject": "true",
+        "osc-agent.io/environment": "prod",
+        "osc-agent.io/credentials-secret": "osc-credentials",
+        "osc-agent.io/output-app.env": "dotenv",
+    });
+    for n in [&apps, &skipped] {
+        n.credentials("osc-credentials", USER_KEY).await;
+        let file = n.write(
+            "web.yaml",
+            &annotated_deployment(annotations.clone()).to_string(),
+        );
+        n.kubectl(&["apply", "-f", &file]).await;
+    }
+
+    // Injected: init container, sidecar, the status annotation; the app read its files at start.
+    rolled_out(&apps, "web", 1).await;
+    let pod = web_pod(&apps).await;
+    let name = pod["metadata"]["name"].as_str().expect("name").to_owned();
+    assert_eq!(
+        pod["metadata"]["annotations"]["osc-agent.io/status"], "injected",
+        "{pod}"
+    );
+    assert_eq!(names(&pod["spec"], "initContainers"), ["osc-agent-init"]);
+    assert_eq!(names(&pod["spec"], "containers"), ["app", "osc-agent"]);
+    let shown = apps.kubectl(&["get", "pod", &name]).await;
+    say(&format!("pods: injected pod\n{shown}"));
+    let app_log = apps.logs(&name, "app", false).await;
+    let listing = apps
+        .exec(
+            &name,
+            "app",
+            &["sh", "-c", "id; ls -lnaL /config /config/..data"],
+        )
+        .await
+        .unwrap_or_default();
+    assert!(
+        app_log.contains("start: db.url=postgres://db/app settings=2"),
+        "{app_log}\n{listing}"
+    );
+    server
+        .api(USER_KEY)
+        .update("prod", "db.url", json!("postgres://db2/app"))
+        .await;
+    until("the change in the injected app", PROPAGATION, || async {
+        apps.exec(&name, "app", &["cat", "/config/db.url"])
+            .await
+            .as_deref()
+            == Some("postgres://db2/app")
+    })
+    .await;
+
+    // Excluded namespace: the same Deployment runs untouched (its app finds no files: not Ready is
+    // fine, the spec is what counts).
+    let other = web_pod(&skipped).await;
+    assert!(
+        other["metadata"]["annotations"]["osc-agent.io/status"].is_null(),
+        "{other}"
+    );
+    assert_eq!(names(&other["spec"], "containers"), ["app"]);
+    assert!(
+        names(&other["spec"], "initContainers").is_empty(),
+        "{other}"
+    );
+
+    // A bad annotation: the pod is denied, naming the annotation.
+    let bad = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "bad", "annotations": {
+            "osc-agent.io/inject": "true", "osc-agent.io/environment": "prod",
+            "osc-agent.io/credentials-secret": "osc-credentials", "osc-agent.io/file-mode": "0999"}},
+        "spec": {"containers": [{"name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                                 "command": ["sleep", "3600"]}]}
+    });
+    let file = apps.write("bad.yaml", &bad.to_string());
+    let (ok, stdout, stderr) = apps
+        .try_run(
+            &apps.node.kubectl,
+            &["-n", &apps.name, "apply", "-f", &file],
+        )
+        .await;
+    assert!(!ok, "a bad annotation was admitted: {stdout}");
+    say(&format!("pods: denied: {}", stderr.trim()));
+    assert!(
+        stderr.contains("denied the request") && stderr.contains("osc-agent.io/file-mode"),
+        "{stderr}"
+    );
+
+    // The injector gone, failurePolicy Ignore: an annotated pod is created without the agent.
+    ns.kubectl(&[
+        "scale",
+        "deployment",
+        "inj-osc-agent-injector",
+        "--replicas=0",
+    ])
+    .await;
+    until("no injector endpoint", WAIT, || async {
+        let ep = ns
+            .json(&["get", "endpoints", "inj-osc-agent-injector"])
+            .await;
+        ep["subsets"].as_array().is_none_or(|s| s.is_empty())
+    })
+    .await;
+    let lone = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "lone", "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
+                                 "command": ["sleep", "3600"]}]}
+    });
+    let file = apps.write("lone.yaml", &lone.to_string());
+    apps.kubectl(&["apply", "-f", &file]).await;
+    let lone = apps.json(&["get", "pod", "lone"]).await;
+    assert!(
+        lone["metadata"]["annotations"]["osc-agent.io/status"].is_null(),
+        "{lone}"
+    );
+    assert_eq!(names(&lone["spec"], "containers"), ["app"]);
+    // ... and once an injector runs again, its audit says so on the pod (an Event) and in its metrics.
+    ns.kubectl(&[
+        "scale",
+        "deployment",
+        "inj-osc-agent-injector",
+        "--replicas=1",
+    ])
+    .await;
+    let event = poll("an AgentNotInjected event on the pod", WAIT, || async {
+        let events = apps
+            .json(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=lone",
+            ])
+            .await;
+        events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["reason"] == "AgentNotInjected")
+            .cloned()
+    })
+    .await;
+    say(&format!(
+        "pods: event on the pod created without the injector: {}",
+        event["message"]
+    ));
+    assert_eq!(event["type"], "Warning");
+    assert!(
+        event["involvedObject"]["uid"] == lone["metadata"]["uid"],
+        "{event}"
+    );
+    let injected_events = apps
+        .json(&[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+        ])
+        .await;
+    assert!(
+        !injected_events.to_string().contains("AgentNotInjected"),
+        "the injected pod was reported: {injected_events}"
+    );
+
+    apps.logs(&name, "osc-agent-init", false).await;
+    apps.logs(&name, "osc-agent", false).await;
+    apps.assert_no_secret_logged();
     ns.assert_no_secret_logged();
 }

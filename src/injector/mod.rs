@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod annotations;
+pub mod audit;
 mod mutate;
 pub mod server;
 mod tls;

@@ -4,7 +4,8 @@
 //!   `allowed: false` with the denial's message). Bodies above [`MAX_BODY`] are refused (413).
 //! - `GET /healthz`, `GET /readyz`: 200 while serving (the certificate was loaded at start).
 //! - `GET /metrics`: `osc_injector_admissions_total{result="injected|skipped|denied|error"}`,
-//!   `osc_injector_tls_handshake_failures_total`, `osc_injector_certificate_reloads_total{result}`.
+//!   `osc_injector_tls_handshake_failures_total`, `osc_injector_certificate_reloads_total{result}`,
+//!   `osc_injector_pods_without_agent` and `osc_injector_audit_runs_total{result}` (see [`super::audit`]).
 //!
 //! The certificate and key files are re-read every `--tls-reload-interval` (30 s); a changed pair is served from the
 //! next handshake on. The server logs one line per review (uid, namespace, result, the denial's message);
@@ -94,6 +95,16 @@ pub struct InjectorArgs {
         value_name = "DURATION"
     )]
     pub tls_reload_interval: HumanDuration,
+    /// How often to look for pods created without the agent while no injector answered
+    /// (`failurePolicy: Ignore`): lists pod metadata in every namespace (RBAC: list pods, create
+    /// events). 0 turns it off; off, too, outside a cluster (no in-cluster or kubeconfig credentials).
+    #[arg(
+        long,
+        env = "OSC_INJECTOR_AUDIT_INTERVAL",
+        default_value = "60s",
+        value_name = "DURATION"
+    )]
+    pub audit_interval: HumanDuration,
     /// Log format.
     #[arg(long, env = "OSC_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -163,6 +174,7 @@ struct Metrics {
     admissions: Family<Vec<(String, String)>, Counter>,
     handshake_failures: Counter,
     reloads: Family<Vec<(String, String)>, Counter>,
+    audit: super::audit::AuditMetrics,
 }
 
 impl Metrics {
@@ -186,6 +198,17 @@ impl Metrics {
             "Changes of the certificate files, by result (ok, error)",
             reloads.clone(),
         );
+        let audit = super::audit::AuditMetrics::default();
+        registry.register(
+            "osc_injector_pods_without_agent",
+            "Pods annotated osc-agent.io/inject that run without the agent (created while no injector answered), at the last audit",
+            audit.without_agent.clone(),
+        );
+        registry.register(
+            "osc_injector_audit_runs",
+            "Audits for pods without the agent, by result (ok, error)",
+            audit.runs.clone(),
+        );
         // Every result shows from the start (0), so rate() and absent-series alerts work at once.
         for r in ["injected", "skipped", "denied", "error"] {
             let _ = admissions.get_or_create(&vec![("result".into(), r.into())]);
@@ -195,6 +218,7 @@ impl Metrics {
             admissions,
             handshake_failures,
             reloads,
+            audit,
         }
     }
 }
@@ -372,6 +396,22 @@ pub async fn run(args: InjectorArgs) -> Exit {
                 .inc();
         }
     });
+
+    if !args.audit_interval.0.is_zero() {
+        let every = args.audit_interval.0.max(Duration::from_secs(1));
+        let (defaults, audit_metrics, audit_cancel) =
+            (defaults.clone(), metrics.audit.clone(), cancel.clone());
+        tokio::spawn(async move {
+            match kube::Client::try_default().await {
+                Ok(client) => {
+                    super::audit::run(client, every, defaults, audit_metrics, audit_cancel).await
+                }
+                Err(e) => tracing::warn!(
+                    "injector: no Kubernetes API credentials ({e}): pods created without the agent will not be reported (--audit-interval)"
+                ),
+            }
+        });
+    }
 
     let stop = cancel.clone();
     let server = axum::serve(listener, router(defaults, metrics))

@@ -219,9 +219,19 @@ pub(crate) fn open_dir(path: &Path) -> io::Result<File> {
 
 /// Give a directory the agent just created the search bits matching `opts.mode` and `opts`' owner,
 /// through a descriptor (a link swapped in meanwhile is refused, never followed). Returns it, open.
+///
+/// The set-group-ID bit a parent passed on is kept: on a volume with a pod `fsGroup` (setgid, group
+/// fsGroup) the files inside then belong to that group, so an app of another user in it can read them.
+/// The mode is only changed when it differs (a `chmod` by a process outside the directory's group would
+/// drop that bit).
 pub(crate) fn set_up_new_dir(path: &Path, opts: &FileOptions) -> io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
     let d = open_dir(path)?;
-    d.set_permissions(std::fs::Permissions::from_mode(dir_mode(opts.mode)))?;
+    let current = d.metadata()?.mode() & 0o7777;
+    let wanted = dir_mode(opts.mode) | (current & 0o2000);
+    if current != wanted {
+        d.set_permissions(std::fs::Permissions::from_mode(wanted))?;
+    }
     if opts.uid.is_some() || opts.gid.is_some() {
         std::os::unix::fs::fchown(&d, opts.uid, opts.gid)?;
     }
@@ -391,6 +401,25 @@ mod tests {
         assert_eq!(mode(&deep), 0o750, "existing directories are not changed");
         std::fs::write(tmp.path().join("file"), "").unwrap();
         assert!(create_dirs(&tmp.path().join("file/sub"), &opts(0o600)).is_err());
+    }
+
+    /// Found on a real node (tests/pods.rs, the injector): an fsGroup volume is setgid; a directory the
+    /// agent makes in it must stay setgid so that the files inside get the volume's group.
+    #[test]
+    fn a_new_directory_keeps_the_set_group_id_bit_of_its_parent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let volume = tmp.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o2777)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&volume), 0o2777, "this file system keeps setgid");
+        let sub = volume.join("..2026_12_03_00_00_00.000000001_x");
+        create_dirs(&sub, &opts(0o440)).unwrap();
+        assert_eq!(mode(&sub), 0o2750);
+        // Without a setgid parent, nothing is added.
+        let plain = tmp.path().join("plain/sub");
+        create_dirs(&plain, &opts(0o440)).unwrap();
+        assert_eq!(mode(&plain), 0o750);
     }
 
     #[test]

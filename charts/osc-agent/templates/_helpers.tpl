@@ -504,3 +504,31 @@ true
 true
 {{- end -}}
 {{- end -}}
+
+{{/* The injector's objects: "<fullname>-injector", with a name label of their own so that the standalone
+Deployment's selector never matches the injector's pods. */}}
+{{- define "osc-agent.injectorName" -}}
+{{- printf "%s-injector" (include "osc-agent.fullname" . | trunc 54 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "osc-agent.injectorSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-injector" (include "osc-agent.name" .) }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: injector
+{{- end -}}
+
+{{- define "osc-agent.injectorLabels" -}}
+{{ include "osc-agent.injectorSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service | default "Helm" }}
+app.kubernetes.io/version: {{ .Values.image.tag | default (include "osc-agent.defaultTag" .) | quote }}
+{{- with .Chart }}
+helm.sh/chart: {{ printf "%s-%s" .Name .Version | replace "+" "_" }}
+{{- end }}
+{{- end -}}
+
+{{/* The injector's image: injector.image, else the agent's (one binary does both). */}}
+{{- define "osc-agent.injectorImage" -}}
+{{- $repo := .Values.injector.image.repository | default .Values.image.repository -}}
+{{- $tag := .Values.injector.image.tag | default .Values.image.tag | default (include "osc-agent.defaultTag" .) -}}
+{{- printf "%s:%s" $repo (toString $tag) -}}
+{{- end -}}

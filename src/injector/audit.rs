@@ -1,0 +1,240 @@
+//! Pods that asked for the agent but run without it.
+//!
+//! With `failurePolicy: Ignore`, the API server creates a pod unchanged when no injector answers (all
+//! replicas down, a timeout, a network fault) and says so only in its audit log. The audit makes that
+//! visible: every `--audit-interval` it lists the pods' metadata in every namespace (pages of
+//! [`PAGE`]; needs `list` on pods, cluster-wide) and counts the pods annotated `osc-agent.io/inject:
+//! "true"`, outside the excluded namespaces, without `osc-agent.io/status: injected`:
+//! `osc_injector_pods_without_agent` is that count, and each such pod gets one `Warning` Event
+//! `AgentNotInjected` (needs `create` on events; once per pod and injector process) and one log line.
+//! The remedy is to delete the pod (its controller makes a new one, which is injected).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::{Api, ListParams, PostParams};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+
+use super::annotations::{INJECTED, PREFIX, parse_bool};
+use super::mutate::InjectorDefaults;
+use crate::util::escape;
+
+/// Pods per list call.
+pub const PAGE: u32 = 500;
+
+/// Reason of the Events the audit writes.
+pub const REASON: &str = "AgentNotInjected";
+
+/// The audit's metrics (registered with the injector's).
+#[derive(Clone, Default)]
+pub struct AuditMetrics {
+    /// Pods found without the agent at the last complete pass.
+    pub without_agent: Gauge,
+    /// Passes by result (`ok`, `error`).
+    pub runs: Family<Vec<(String, String)>, Counter>,
+}
+
+/// Whether a pod (by its metadata) asked for the agent and did not get it.
+pub fn missing_agent(meta: &ObjectMeta, defaults: &InjectorDefaults) -> bool {
+    let Some(namespace) = meta.namespace.as_deref() else {
+        return false;
+    };
+    if defaults.excludes(namespace) || meta.deletion_timestamp.is_some() {
+        return false;
+    }
+    let ann = |name: &str| {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(&format!("{PREFIX}{name}")))
+    };
+    // An invalid value counts too: the injector would have denied the pod, which exists anyway.
+    let wants = ann("inject").is_some_and(|v| !matches!(parse_bool("inject", v), Ok(false)));
+    wants && ann("status").map(|s| s.trim()) != Some(INJECTED)
+}
+
+/// Runs passes every `interval` until `cancel`. A pass that fails (no permission, API server away) is
+/// logged (once until one succeeds) and counted; the gauge keeps the last complete pass's value.
+pub async fn run(
+    client: kube::Client,
+    interval: Duration,
+    defaults: Arc<InjectorDefaults>,
+    metrics: AuditMetrics,
+    cancel: CancellationToken,
+) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut reported: HashSet<String> = HashSet::new();
+    let mut failing = false;
+    loop {
+        match pass(&pods, &defaults).await {
+            Ok(missing) => {
+                failing = false;
+                metrics
+                    .without_agent
+                    .set(i64::try_from(missing.len()).unwrap_or(i64::MAX));
+                metrics
+                    .runs
+                    .get_or_create(&vec![("result".into(), "ok".into())])
+                    .inc();
+                let now: HashSet<String> = missing.iter().map(|p| p.uid.clone()).collect();
+                for pod in missing.iter().filter(|p| !reported.contains(&p.uid)) {
+                    tracing::warn!(
+                        namespace = %escape(&pod.namespace),
+                        pod = %escape(&pod.name),
+                        "injector: pod asked for the agent (osc-agent.io/inject) but runs without it: created while no injector answered (failurePolicy: Ignore); delete it to get the agent"
+                    );
+                    if let Err(e) = record(&client, pod).await {
+                        tracing::warn!(
+                            namespace = %escape(&pod.namespace),
+                            "injector: cannot write the {REASON} event: {}",
+                            crate::cluster::explain(&e, "create", "events", &pod.namespace)
+                        );
+                    }
+                }
+                // Forget pods that are gone (or were replaced), so the set stays bounded.
+                reported = now;
+            }
+            Err(e) => {
+                metrics
+                    .runs
+                    .get_or_create(&vec![("result".into(), "error".into())])
+                    .inc();
+                if !failing {
+                    tracing::warn!(
+                        "injector: cannot list pods to find those created without the agent: {}",
+                        crate::cluster::explain(&e, "list", "pods", "(all namespaces)")
+                    );
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+struct Missing {
+    namespace: String,
+    name: String,
+    uid: String,
+}
+
+async fn pass(pods: &Api<Pod>, defaults: &InjectorDefaults) -> Result<Vec<Missing>, kube::Error> {
+    let mut missing = Vec::new();
+    let mut params = ListParams::default().limit(PAGE);
+    loop {
+        let page = pods.list_metadata(&params).await?;
+        for pod in &page.items {
+            let meta = &pod.metadata;
+            if missing_agent(meta, defaults) {
+                missing.push(Missing {
+                    namespace: meta.namespace.clone().unwrap_or_default(),
+                    name: meta.name.clone().unwrap_or_default(),
+                    uid: meta.uid.clone().unwrap_or_default(),
+                });
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(missing),
+        }
+    }
+}
+
+async fn record(client: &kube::Client, pod: &Missing) -> Result<Event, kube::Error> {
+    let events: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
+    let now = jiff::Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}.", pod.name)),
+            namespace: Some(pod.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..Default::default()
+        },
+        reason: Some(REASON.into()),
+        message: Some(
+            "this pod asked for osc-agent (osc-agent.io/inject) but was created while no injector answered \
+             (failurePolicy: Ignore): it runs without the agent and its files. Delete it to get a pod with the agent."
+                .into(),
+        ),
+        type_: Some("Warning".into()),
+        source: Some(EventSource {
+            component: Some("osc-agent-injector".into()),
+            ..Default::default()
+        }),
+        reporting_component: Some("osc-agent.io/injector".into()),
+        reporting_instance: Some(std::env::var("HOSTNAME").unwrap_or_else(|_| "osc-agent-injector".into())),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        action: Some("Audit".into()),
+        count: Some(1),
+        ..Default::default()
+    };
+    events.create(&PostParams::default(), &event).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn meta(ns: &str, annotations: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (format!("{PREFIX}{k}"), (*v).to_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_annotated_uninjected_pods_outside_excluded_namespaces_count() {
+        let defaults = InjectorDefaults {
+            own_namespace: Some("osc".into()),
+            excluded_namespaces: vec!["legacy".into()],
+            ..Default::default()
+        };
+        assert!(missing_agent(
+            &meta("app", &[("inject", "true")]),
+            &defaults
+        ));
+        assert!(missing_agent(&meta("app", &[("inject", "yes")]), &defaults));
+        assert!(!missing_agent(
+            &meta("app", &[("inject", "true"), ("status", "injected")]),
+            &defaults
+        ));
+        assert!(!missing_agent(
+            &meta("app", &[("inject", "false")]),
+            &defaults
+        ));
+        assert!(!missing_agent(&meta("app", &[]), &defaults));
+        for excluded in ["osc", "kube-system", "legacy"] {
+            assert!(!missing_agent(
+                &meta(excluded, &[("inject", "true")]),
+                &defaults
+            ));
+        }
+        let mut leaving = meta("app", &[("inject", "true")]);
+        leaving.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
+        assert!(!missing_agent(&leaving, &defaults));
+    }
+}
