@@ -2,6 +2,7 @@
 # Copied from ../shared/tools/k8s-node.sh (2026-12-03); local changes (list them here):
 #   - kube-apiserver --enable-aggregator-routing: admission webhooks are called at a Service's endpoints (pod
 #     IPs) instead of its ClusterIP, which nothing routes here (no kube-proxy); tests/pods.rs's injector needs it.
+#   - install: a second kubernetes-validate (1.28.0, in venv-1.20/) with Kubernetes 1.20's schemas.
 # k8s-node.sh: a real single-node Kubernetes v1.20.2 cluster (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubelet, containerd, runc) for tests that `helm install` a chart and watch real pods run.
 #   install                      apt packages; the 4 Kubernetes binaries (one build of Debian's kubernetes source); helm,
@@ -50,6 +51,8 @@ cmd_install() {
   fi
   [ -x "$CACHE/venv/bin/kubernetes-validate" ] ||
     { python3 -m venv "$CACHE/venv"; "$CACHE/venv/bin/pip" install -q 'kubernetes-validate==1.37.0'; }
+  [ -x "$CACHE/venv-1.20/bin/kubernetes-validate" ] ||   # the last release with Kubernetes 1.20's schemas
+    { python3 -m venv "$CACHE/venv-1.20"; "$CACHE/venv-1.20/bin/pip" install -q 'kubernetes-validate==1.28.0'; }
   if [ ! -x "$BIN/pause" ]; then   # the sandbox container's process: waits for SIGTERM
     d=$(mktemp -d); printf '%s\n' 'package main' 'import ("os"; "os/signal"; "syscall")' \
       'func main() { c := make(chan os.Signal, 1); signal.Notify(c, syscall.SIGINT, syscall.SIGTERM); <-c }' >"$d/pause.go"

@@ -790,6 +790,15 @@ async fn an_empty_environment_never_empties_the_outputs() {
     // Entries come back: synced as usual.
     api.create("prod", "k", json!(secret(1))).await;
     wait_file(&out.join("k"), &secret(1), WAIT).await;
+    // The swap is seen before the old generation is removed and the agent's record updated: wait for
+    // both, so that the files kept below are a settled state, not one cut short by the kill.
+    wait_for("the old generation cleaned up", WAIT, || async {
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("..osc-agent")).unwrap_or_default())
+                .unwrap_or_default();
+        hidden(&out).len() == 2 && record["generations"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
     drop(agent);
 
     // A fresh start on an environment with no entry: nothing written, not ready, the reason named.

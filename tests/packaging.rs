@@ -134,6 +134,8 @@ struct Tools {
     helm: PathBuf,
     kubectl: PathBuf,
     validate: PathBuf,
+    /// kubernetes-validate 1.28.0: the last release with Kubernetes 1.20's schemas.
+    validate_1_20: PathBuf,
 }
 
 fn tools(test: &str) -> Option<Tools> {
@@ -145,8 +147,9 @@ fn tools(test: &str) -> Option<Tools> {
         helm: cache.join("bin/helm"),
         kubectl: cache.join("bin/kubectl"),
         validate: cache.join("venv/bin/kubernetes-validate"),
+        validate_1_20: cache.join("venv-1.20/bin/kubernetes-validate"),
     };
-    if [&t.helm, &t.kubectl, &t.validate]
+    if [&t.helm, &t.kubectl, &t.validate, &t.validate_1_20]
         .iter()
         .all(|p| p.is_file())
     {
@@ -190,8 +193,18 @@ fn docs(yaml: &str) -> Vec<Value> {
 /// `kubernetes-validate --strict` against 1.29; any WARN or ERROR fails, except a missing schema for
 /// the exempt CRD kinds.
 fn validate(t: &Tools, file: &Path) {
-    let out = Command::new(&t.validate)
-        .args(["--strict", "-k", "1.29.0"])
+    validate_at(t, file, KUBE)
+}
+
+/// kubernetes-validate --strict of `file` for Kubernetes `kube` (1.20.x: the older validator).
+fn validate_at(t: &Tools, file: &Path, kube: &str) {
+    let (validator, version) = if kube.starts_with("1.20.") {
+        (&t.validate_1_20, "1.20.0")
+    } else {
+        (&t.validate, kube)
+    };
+    let out = Command::new(validator)
+        .args(["--strict", "-k", version])
         .arg(file)
         .output()
         .expect("kubernetes-validate");
@@ -833,10 +846,10 @@ fn render_with(t: &Tools, extra: &str, kube: &str) -> Vec<Value> {
     let text = try_template(t, &chart(), &format!("{BASE}{extra}"), kube)
         .unwrap_or_else(|e| panic!("helm template with\n{extra}\nfailed:\n{e}"));
     let d = docs(&text);
-    if kube == KUBE {
+    if kube == KUBE || kube.starts_with("1.20.") {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), &text).unwrap();
-        validate(t, file.path());
+        validate_at(t, file.path(), kube);
     }
     check_all_agents(extra, &d);
     d
@@ -1143,8 +1156,8 @@ fn webhook(docs: &[Value]) -> &Value {
     &w[0]["webhooks"][0]
 }
 
-/// Issue 12: the injector's objects (kubernetes-validate --strict at 1.29; the 1.20 API server itself in
-/// the next test), the chart-made certificate valid for the Service's name and signed by the CA in the
+/// Issue 12: the injector's objects (kubernetes-validate --strict at 1.29 and 1.20; the 1.20 API server
+/// itself in the next test), the chart-made certificate valid for the Service's name and signed by the CA in the
 /// webhook's caBundle, the selectors that keep the injector's own pods and namespaces out, and the values
 /// the chart refuses.
 fn injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle() {
@@ -1262,8 +1275,77 @@ fn injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle() {
         false
     );
 
+    // The namespaces the injector leaves alone are left out by the webhook too (so that, with
+    // failurePolicy Fail, their pods never wait for it); a custom objectSelector still keeps the
+    // injector's own pods out; the audit gets the same selectors.
+    let docs = render_with(
+        &t,
+        &format!(
+            "{INJECTOR}injector: {{enabled: true, excludeNamespaces: [calico-system], failurePolicy: Fail, \
+             objectSelector: {{matchLabels: {{team: a}}}}}}\n"
+        ),
+        KUBE,
+    );
+    let hook = webhook(&docs);
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"][1]["values"],
+        json!(["my-app", "kube-system", "calico-system"])
+    );
+    assert_eq!(hook["objectSelector"]["matchLabels"], json!({"team": "a"}));
+    assert_eq!(
+        hook["objectSelector"]["matchExpressions"],
+        json!([{"key": "osc-agent.io/injector", "operator": "DoesNotExist"}])
+    );
+    let args = args_of(container(
+        &find(&docs, "Deployment")[0]["spec"]["template"]["spec"],
+        "containers",
+        "injector",
+    ));
+    for want in [
+        "--audit-namespace-selector=osc-agent.io/inject notin (disabled),kubernetes.io/metadata.name notin (my-app,kube-system,calico-system)",
+        "--audit-pod-selector=team=a,!osc-agent.io/injector",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want}: {args:?}");
+    }
+    // A PEM caBundle (what cert-manager users have) is accepted and encoded.
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let docs = render_with(
+        &t,
+        &format!(
+            "{INJECTOR}injector: {{enabled: true, tls: {{existingSecret: my-tls, caBundle: {}}}}}\n",
+            serde_json::to_string(pem).unwrap()
+        ),
+        KUBE,
+    );
+    use base64::Engine as _;
+    assert_eq!(
+        webhook(&docs)["clientConfig"]["caBundle"],
+        base64::engine::general_purpose::STANDARD.encode(pem)
+    );
+
     // Refused, naming the value.
     for (extra, kube, says) in [
+        (
+            "injector: {enabled: true, auditInterval: 1m30s}\n",
+            KUBE,
+            "auditInterval",
+        ),
+        (
+            "injector: {enabled: true, tls: {validityDays: 30}}\n",
+            KUBE,
+            "injector.tls.validityDays (30) must be above",
+        ),
+        (
+            "injector: {enabled: true, tls: {validityDays: 365000}}\n",
+            KUBE,
+            "validityDays",
+        ),
+        (
+            "injector: {enabled: true, podDisruptionBudget: {minAvailable: 2}}\n",
+            KUBE,
+            "must be below injector.replicas",
+        ),
+        ("injector: {enabled: true, port: 443}\n", KUBE, "port"),
         (
             "injector: {enabled: true, nativeSidecar: true}\n",
             "1.20.2",

@@ -1368,7 +1368,7 @@ async fn injector_adds_the_agent_to_annotated_pods_only() {
             "enabled": true,
             "defaultServer": format!("http://{ip}:{DEV_PORT}"),
             "excludeNamespaces": [skipped.name],
-            "auditInterval": "2s",
+            "auditInterval": "10s",
         }
     });
     ns.helm_install("inj", &values).await;

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Event, EventSource, Namespace, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use kube::api::{Api, ListParams, PostParams};
 use prometheus_client::metrics::counter::Counter;
@@ -25,8 +25,18 @@ use super::annotations::{INJECTED, PREFIX, parse_bool};
 use super::mutate::InjectorDefaults;
 use crate::util::escape;
 
-/// Pods per list call.
-pub const PAGE: u32 = 500;
+/// Pods per list call (metadata only, but with managedFields: kept small for a 64 MiB pod).
+pub const PAGE: u32 = 100;
+
+/// Shortest interval between two audits.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which pods the webhook sees: label selectors (`?labelSelector=` syntax), empty for all.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    pub namespace_selector: String,
+    pub pod_selector: String,
+}
 
 /// Reason of the Events the audit writes.
 pub const REASON: &str = "AgentNotInjected";
@@ -63,15 +73,17 @@ pub fn missing_agent(meta: &ObjectMeta, defaults: &InjectorDefaults) -> bool {
 pub async fn run(
     client: kube::Client,
     interval: Duration,
+    scope: Scope,
     defaults: Arc<InjectorDefaults>,
     metrics: AuditMetrics,
     cancel: CancellationToken,
 ) {
-    let pods: Api<Pod> = Api::all(client.clone());
+    let interval = interval.max(MIN_INTERVAL);
     let mut reported: HashSet<String> = HashSet::new();
+    let client = &client;
     let mut failing = false;
     loop {
-        match pass(&pods, &defaults).await {
+        match pass(client, &scope, &defaults).await {
             Ok(missing) => {
                 failing = false;
                 metrics
@@ -81,23 +93,30 @@ pub async fn run(
                     .runs
                     .get_or_create(&vec![("result".into(), "ok".into())])
                     .inc();
-                let now: HashSet<String> = missing.iter().map(|p| p.uid.clone()).collect();
-                for pod in missing.iter().filter(|p| !reported.contains(&p.uid)) {
+                // Forget pods that are gone (or were replaced), so the set stays bounded.
+                let now: HashSet<&str> = missing.iter().map(|p| p.uid.as_str()).collect();
+                reported.retain(|uid| now.contains(uid.as_str()));
+                for pod in &missing {
+                    if reported.contains(&pod.uid) {
+                        continue;
+                    }
                     tracing::warn!(
                         namespace = %escape(&pod.namespace),
                         pod = %escape(&pod.name),
                         "injector: pod asked for the agent (osc-agent.io/inject) but runs without it: created while no injector answered (failurePolicy: Ignore); delete it to get the agent"
                     );
-                    if let Err(e) = record(&client, pod).await {
-                        tracing::warn!(
+                    match record(client, pod).await {
+                        // Written, or already there: not again. A failure is tried at the next pass.
+                        Ok(()) => {
+                            reported.insert(pod.uid.clone());
+                        }
+                        Err(e) => tracing::warn!(
                             namespace = %escape(&pod.namespace),
                             "injector: cannot write the {REASON} event: {}",
                             crate::cluster::explain(&e, "create", "events", &pod.namespace)
-                        );
+                        ),
                     }
                 }
-                // Forget pods that are gone (or were replaced), so the set stays bounded.
-                reported = now;
             }
             Err(e) => {
                 metrics
@@ -126,18 +145,47 @@ struct Missing {
     uid: String,
 }
 
-async fn pass(pods: &Api<Pod>, defaults: &InjectorDefaults) -> Result<Vec<Missing>, kube::Error> {
+async fn pass(
+    client: &kube::Client,
+    scope: &Scope,
+    defaults: &InjectorDefaults,
+) -> Result<Vec<Missing>, kube::Error> {
+    // The namespaces the webhook sees (all when there is no selector).
+    let namespaces: Option<HashSet<String>> = if scope.namespace_selector.is_empty() {
+        None
+    } else {
+        let api: Api<Namespace> = Api::all(client.clone());
+        let mut names = HashSet::new();
+        let mut params = ListParams::default()
+            .labels(&scope.namespace_selector)
+            .limit(PAGE);
+        loop {
+            let page = api.list_metadata(&params).await?;
+            names.extend(page.items.into_iter().filter_map(|n| n.metadata.name));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break Some(names),
+            }
+        }
+    };
+    let pods: Api<Pod> = Api::all(client.clone());
     let mut missing = Vec::new();
     let mut params = ListParams::default().limit(PAGE);
+    if !scope.pod_selector.is_empty() {
+        params = params.labels(&scope.pod_selector);
+    }
     loop {
         let page = pods.list_metadata(&params).await?;
-        for pod in &page.items {
-            let meta = &pod.metadata;
-            if missing_agent(meta, defaults) {
+        for pod in page.items {
+            let meta = pod.metadata;
+            let seen = namespaces
+                .as_ref()
+                .is_none_or(|n| meta.namespace.as_ref().is_some_and(|ns| n.contains(ns)));
+            if seen && missing_agent(&meta, defaults) {
                 missing.push(Missing {
-                    namespace: meta.namespace.clone().unwrap_or_default(),
-                    name: meta.name.clone().unwrap_or_default(),
-                    uid: meta.uid.clone().unwrap_or_default(),
+                    namespace: meta.namespace.unwrap_or_default(),
+                    name: meta.name.unwrap_or_default(),
+                    uid: meta.uid.unwrap_or_default(),
                 });
             }
         }
@@ -148,8 +196,19 @@ async fn pass(pods: &Api<Pod>, defaults: &InjectorDefaults) -> Result<Vec<Missin
     }
 }
 
-async fn record(client: &kube::Client, pod: &Missing) -> Result<Event, kube::Error> {
+/// Writes the pod's Event, unless one is there already (another replica's, or an earlier run's).
+async fn record(client: &kube::Client, pod: &Missing) -> Result<(), kube::Error> {
     let events: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
+    let existing = events
+        .list_metadata(
+            &ListParams::default()
+                .fields(&format!("involvedObject.uid={},reason={REASON}", pod.uid))
+                .limit(1),
+        )
+        .await?;
+    if !existing.items.is_empty() {
+        return Ok(());
+    }
     let now = jiff::Timestamp::now();
     let event = Event {
         metadata: ObjectMeta {
@@ -185,7 +244,10 @@ async fn record(client: &kube::Client, pod: &Missing) -> Result<Event, kube::Err
         count: Some(1),
         ..Default::default()
     };
-    events.create(&PostParams::default(), &event).await
+    events
+        .create(&PostParams::default(), &event)
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]

@@ -96,8 +96,9 @@ pub struct InjectorArgs {
     )]
     pub tls_reload_interval: HumanDuration,
     /// How often to look for pods created without the agent while no injector answered
-    /// (`failurePolicy: Ignore`): lists pod metadata in every namespace (RBAC: list pods, create
-    /// events). 0 turns it off; off, too, outside a cluster (no in-cluster or kubeconfig credentials).
+    /// (`failurePolicy: Ignore`): lists pod metadata in every namespace (RBAC: list pods and
+    /// namespaces, list and create events). At least 10s; 0 turns it off; off, too, outside a cluster
+    /// (no in-cluster or kubeconfig credentials).
     #[arg(
         long,
         env = "OSC_INJECTOR_AUDIT_INTERVAL",
@@ -105,6 +106,23 @@ pub struct InjectorArgs {
         value_name = "DURATION"
     )]
     pub audit_interval: HumanDuration,
+    /// The audit looks only at namespaces matching this label selector (`?labelSelector=` syntax; the
+    /// chart passes the webhook's namespaceSelector). Empty: all.
+    #[arg(
+        long,
+        env = "OSC_INJECTOR_AUDIT_NAMESPACE_SELECTOR",
+        value_name = "SELECTOR",
+        default_value = ""
+    )]
+    pub audit_namespace_selector: String,
+    /// The audit looks only at pods matching this label selector (the webhook's objectSelector). Empty: all.
+    #[arg(
+        long,
+        env = "OSC_INJECTOR_AUDIT_POD_SELECTOR",
+        value_name = "SELECTOR",
+        default_value = ""
+    )]
+    pub audit_pod_selector: String,
     /// Log format.
     #[arg(long, env = "OSC_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -398,13 +416,18 @@ pub async fn run(args: InjectorArgs) -> Exit {
     });
 
     if !args.audit_interval.0.is_zero() {
-        let every = args.audit_interval.0.max(Duration::from_secs(1));
+        let every = args.audit_interval.0;
+        let scope = super::audit::Scope {
+            namespace_selector: args.audit_namespace_selector.clone(),
+            pod_selector: args.audit_pod_selector.clone(),
+        };
         let (defaults, audit_metrics, audit_cancel) =
             (defaults.clone(), metrics.audit.clone(), cancel.clone());
         tokio::spawn(async move {
             match kube::Client::try_default().await {
                 Ok(client) => {
-                    super::audit::run(client, every, defaults, audit_metrics, audit_cancel).await
+                    super::audit::run(client, every, scope, defaults, audit_metrics, audit_cancel)
+                        .await
                 }
                 Err(e) => tracing::warn!(
                     "injector: no Kubernetes API credentials ({e}): pods created without the agent will not be reported (--audit-interval)"

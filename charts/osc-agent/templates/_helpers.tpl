@@ -378,6 +378,9 @@ sidecar. Empty when there is none. */}}
 {{- end -}}
 
 {{- define "osc-agent.volumes" -}}
+{{- if not (or .Values.credentials.existingSecret .Values.credentials.userKey) -}}
+{{- fail "credentials.userKey (or credentials.existingSecret) is required for the agent's pods" -}}
+{{- end -}}
 - name: osc-agent-credentials
   secret:
     secretName: {{ include "osc-agent.credentialsSecret" . }}
@@ -512,7 +515,7 @@ Deployment's selector never matches the injector's pods. */}}
 {{- end -}}
 
 {{- define "osc-agent.injectorSelectorLabels" -}}
-app.kubernetes.io/name: {{ printf "%s-injector" (include "osc-agent.name" .) }}
+app.kubernetes.io/name: {{ printf "%s-injector" (include "osc-agent.name" . | trunc 54 | trimSuffix "-") }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: injector
 {{- end -}}
@@ -520,7 +523,7 @@ app.kubernetes.io/component: injector
 {{- define "osc-agent.injectorLabels" -}}
 {{ include "osc-agent.injectorSelectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .Release.Service | default "Helm" }}
-app.kubernetes.io/version: {{ .Values.image.tag | default (include "osc-agent.defaultTag" .) | quote }}
+app.kubernetes.io/version: {{ .Values.injector.image.tag | default .Values.image.tag | default (include "osc-agent.defaultTag" .) | quote }}
 {{- with .Chart }}
 helm.sh/chart: {{ printf "%s-%s" .Name .Version | replace "+" "_" }}
 {{- end }}
@@ -531,4 +534,22 @@ helm.sh/chart: {{ printf "%s-%s" .Name .Version | replace "+" "_" }}
 {{- $repo := .Values.injector.image.repository | default .Values.image.repository -}}
 {{- $tag := .Values.injector.image.tag | default .Values.image.tag | default (include "osc-agent.defaultTag" .) -}}
 {{- printf "%s:%s" $repo (toString $tag) -}}
+{{- end -}}
+
+{{/* A LabelSelector (matchLabels, matchExpressions) as the string form of ?labelSelector=, for the
+injector's audit to see what the webhook sees. */}}
+{{- define "osc-agent.selectorString" -}}
+{{- $parts := list -}}
+{{- range $k, $v := (.matchLabels | default dict) -}}
+{{- $parts = append $parts (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- range (.matchExpressions | default list) -}}
+{{- if eq .operator "In" -}}{{- $parts = append $parts (printf "%s in (%s)" .key (join "," .values)) -}}
+{{- else if eq .operator "NotIn" -}}{{- $parts = append $parts (printf "%s notin (%s)" .key (join "," .values)) -}}
+{{- else if eq .operator "Exists" -}}{{- $parts = append $parts .key -}}
+{{- else if eq .operator "DoesNotExist" -}}{{- $parts = append $parts (printf "!%s" .key) -}}
+{{- else -}}{{- fail (printf "injector selectors: unknown operator %q (In, NotIn, Exists, DoesNotExist)" .operator) -}}
+{{- end -}}
+{{- end -}}
+{{- join "," $parts -}}
 {{- end -}}
