@@ -323,6 +323,8 @@ impl Agent {
             repaired: written.repaired,
             rejected: rendered.rejected.clone(),
         };
+        // The response, the entries and the render's transient buffers are gone by now.
+        let _ = tokio::task::spawn_blocking(crate::util::release_freed_memory).await;
         if written.errors.is_empty() {
             let (outputs, d) = (self.outputs.clone(), digests.clone());
             match tokio::task::spawn_blocking(move || sink::record_keys(&outputs, &d)).await {

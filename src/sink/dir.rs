@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! out/
-//!   ..2026_11_23_05_00_14.814411000_1a2b3c4d/   one immutable generation: every file, fsynced
+//!   ..2026_11_23_05_00_14.814411000_1a2b3c4d/   one immutable generation: every file, made durable by one syncfs
 //!   ..data -> ..2026_11_23_05_00_14.814411000_1a2b3c4d
 //!   db.url -> ..data/db.url                     one visible link per key
 //!   ..osc-agent                                 lock and state (see `own`): the generations it wrote
@@ -417,9 +417,14 @@ fn write_generation(
             flags,
             Mode::from_bits_truncate(opts.mode),
         )?;
-        super::fill(File::from(fd), bytes, opts, abort)?;
+        super::fill_unsynced(File::from(fd), bytes, opts, abort)?;
     }
-    generation.sync_all()
+    // One flush for the whole generation, not one per file: syncfs(2) commits every dirty file, inode
+    // and directory entry of the file system holding it (the new files and the directory included),
+    // so `..data` is only swapped to a generation that a power loss cannot take back. On tmpfs (the
+    // usual memory-backed volume) it costs nothing. It also flushes other writers' dirty data on that
+    // file system, which is the price of O(1) flushes per generation.
+    nix::unistd::syncfs(&generation).map_err(io::Error::from)
 }
 
 /// Point `..data` at `generation` atomically: a `..data_tmp` link renamed over it.

@@ -314,11 +314,21 @@ const CHUNK: usize = 1 << 20;
 /// Give a file just created `opts`' mode and owner, write `bytes` in chunks (stopping with an error
 /// when `abort` turns true), fsync.
 pub(crate) fn fill(
-    mut f: File,
+    f: File,
     bytes: &[u8],
     opts: &FileOptions,
     abort: &dyn Fn() -> bool,
 ) -> io::Result<()> {
+    fill_unsynced(f, bytes, opts, abort)?.sync_all()
+}
+
+/// [`fill`] without the fsync: for files made durable together, by one `syncfs` (see `dir`).
+pub(crate) fn fill_unsynced(
+    mut f: File,
+    bytes: &[u8],
+    opts: &FileOptions,
+    abort: &dyn Fn() -> bool,
+) -> io::Result<File> {
     use std::io::Write;
     // The umask may have cleared bits of the requested mode.
     f.set_permissions(std::fs::Permissions::from_mode(opts.mode))?;
@@ -331,7 +341,7 @@ pub(crate) fn fill(
         }
         f.write_all(chunk)?;
     }
-    f.sync_all()
+    Ok(f)
 }
 
 /// Create `path` exclusively (never through a link) with `opts`' mode and owner, write `bytes`, fsync.
