@@ -3,7 +3,6 @@
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::Value;
 
 use super::{InjectorDefaults, mutate};
 
@@ -28,8 +27,10 @@ pub struct AdmissionRequest {
     pub namespace: Option<String>,
     #[serde(default)]
     pub operation: Option<String>,
+    /// The pod as sent, parsed only once the request is known to be a pod's CREATE (and with the
+    /// same deserializer the Kubernetes client uses, so the binary carries one copy of that code).
     #[serde(default)]
-    pub object: Option<Value>,
+    pub object: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
@@ -142,7 +143,7 @@ fn answer(req: &AdmissionRequest, defaults: &InjectorDefaults) -> (AdmissionResp
     let Some(object) = &req.object else {
         return (allow(uid), Outcome::Skipped);
     };
-    let pod: Pod = match serde_json::from_value(object.clone()) {
+    let pod: Pod = match serde_json::from_slice(object.get().as_bytes()) {
         Ok(p) => p,
         Err(e) => {
             return (
@@ -192,7 +193,7 @@ fn answer(req: &AdmissionRequest, defaults: &InjectorDefaults) -> (AdmissionResp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn review(object: Value) -> AdmissionReview {
         serde_json::from_value(json!({
