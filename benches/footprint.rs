@@ -12,7 +12,7 @@
 //!    has it) listing the environment and writing one file per key **without fsync**: the reference of
 //!    the target (agent ≤ 1.5× of it);
 //! 3. per binary, a live agent synced to the same keys: `VmHWM` (peak RSS during the first sync) and
-//!    `VmRSS` once idle, from `/proc/<pid>/status`.
+//!    `VmRSS` once idle (nothing written for `OSC_BENCH_QUIET_SECS`, default 2), from `/proc/<pid>/status`.
 //!
 //! Each timed run starts after a `sync` (nothing dirty left by the previous one). It prints a Markdown
 //! table (medians) for README's Performance section, and the size of each binary
@@ -43,6 +43,7 @@ fn main() -> Res<()> {
     let keys: usize = var("OSC_BENCH_KEYS", 10_000)?;
     let value_bytes: usize = var("OSC_BENCH_VALUE_BYTES", 1024)?;
     let rounds: usize = var("OSC_BENCH_ROUNDS", 5)?;
+    let quiet: u64 = var("OSC_BENCH_QUIET_SECS", 2)?;
     let bins: Vec<(String, PathBuf)> = match std::env::var("OSC_BENCH_BINS") {
         Ok(list) => list
             .split(',')
@@ -167,8 +168,13 @@ fn main() -> Res<()> {
                 .env("RUST_LOG", "info"),
             "sync complete",
         )?;
-        // Idle: no more writes for 2 s after the first sync.
-        wait_quiet(&out, Duration::from_secs(2), Duration::from_secs(60))?;
+        // Idle: no more writes for `OSC_BENCH_QUIET_SECS` (2) after the first sync; allocators that
+        // purge on a timer (jemalloc's decay: 10 s) need longer to show what they give back.
+        wait_quiet(
+            &out,
+            Duration::from_secs(quiet),
+            Duration::from_secs(60 + quiet),
+        )?;
         memory.insert(name.clone(), rss(agent.child.id())?);
         agent.child.kill()?;
     }

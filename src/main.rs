@@ -8,6 +8,15 @@ use osc_agent::config::{AgentArgs, ConfigError, LogFormat};
 use osc_agent::exit::Exit;
 use osc_agent::{demo, devserver, logging, run};
 
+// Measured alternatives to the C library's malloc (Cargo features; see README "Footprint").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     osc_agent::source::install_crypto_provider();
     let cli = Cli::parse();
