@@ -24,7 +24,10 @@ use template::Templates;
 #[derive(Clone, PartialEq, Eq)]
 pub struct DirPayload {
     pub path: PathBuf,
-    pub files: BTreeMap<String, Vec<u8>>,
+    /// File name → bytes. All of them are slices of one buffer: the render is kept until the next sync
+    /// (drift repair), and 10,000 separate allocations among a sync's transient ones would keep the
+    /// allocator from returning that transient memory (see README "Footprint").
+    pub files: BTreeMap<String, bytes::Bytes>,
 }
 
 /// One single-file output (aggregate or template).
@@ -137,7 +140,8 @@ impl Renderer {
         let dir = match &self.outputs.dir {
             None => None,
             Some(path) => {
-                let mut files = BTreeMap::new();
+                let mut buffer = Vec::new();
+                let mut spans = Vec::with_capacity(snap.entries.len());
                 for (key, entry) in &snap.entries {
                     if let Some(reason) = unsafe_reason(key) {
                         rejected.push(RejectedKey {
@@ -147,8 +151,16 @@ impl Renderer {
                         });
                         continue;
                     }
-                    files.insert(key.clone(), self.value_bytes(key, &entry.value)?);
+                    let bytes = self.value_bytes(key, &entry.value)?;
+                    spans.push((key, buffer.len()..buffer.len() + bytes.len()));
+                    buffer.extend_from_slice(&bytes);
                 }
+                buffer.shrink_to_fit();
+                let buffer = bytes::Bytes::from(buffer);
+                let files = spans
+                    .into_iter()
+                    .map(|(key, span)| (key.clone(), buffer.slice(span)))
+                    .collect();
                 Some(DirPayload {
                     path: path.clone(),
                     files,

@@ -480,7 +480,7 @@ mod tests {
             path: dir.to_owned(),
             files: pairs
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .map(|(k, v)| (k.to_string(), bytes::Bytes::copy_from_slice(v.as_bytes())))
                 .collect(),
         }
     }
