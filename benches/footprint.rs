@@ -19,13 +19,14 @@
 //! (as given, and after `strip` if the tool exists). Nothing is asserted: it measures and prints.
 
 use std::collections::BTreeMap;
-use std::error::Error;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+mod common;
+
+use common::Res;
 
 const USER_KEY: &str = "bench-user-key-0042";
 const ENV: &str = "bench";
@@ -175,7 +176,7 @@ fn main() -> Res<()> {
             Duration::from_secs(quiet),
             Duration::from_secs(60 + quiet),
         )?;
-        memory.insert(name.clone(), rss(agent.child.id())?);
+        memory.insert(name.clone(), common::memory(agent.child.id())?);
         agent.child.kill()?;
     }
     server.child.kill()?;
@@ -291,20 +292,6 @@ fn settle() -> Res<()> {
         return Err("sync failed".into());
     }
     Ok(())
-}
-
-/// (`VmRSS`, `VmHWM`) in MiB.
-fn rss(pid: u32) -> Res<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Res<f64> {
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no {name} in /proc/{pid}/status"))?;
-        Ok(kb / 1024.0)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 fn stripped_size(bin: &Path, scratch: &Path) -> Option<f64> {

@@ -16,7 +16,6 @@
 //!    syncing: `VmRSS` and `VmHWM` (peak) from `/proc/<pid>/status`.
 
 use std::collections::VecDeque;
-use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,7 +28,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+mod common;
+
+use common::{Res, memory};
 
 const BIN: &str = env!("CARGO_BIN_EXE_osc-agent");
 const USER_KEY: &str = "bench-user-key-0042";
@@ -316,20 +317,6 @@ async fn idle_memory(ctx: &Ctx, env: &str) -> Res<(f64, f64)> {
     mem
 }
 
-/// (VmRSS, VmHWM) of a process, in MiB.
-fn memory(pid: u32) -> Res<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Res<f64> {
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| format!("no {name} in /proc/{pid}/status"))?;
-        Ok(kb / 1024.0)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Processes and the dev server's REST API
 
@@ -560,7 +547,7 @@ impl Api {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
-                        return Ok::<(), Box<dyn Error + Send + Sync>>(());
+                        return Ok::<(), Box<dyn std::error::Error + Send + Sync>>(());
                     }
                     let value = format!("{i:05}-{}", "v".repeat(1024 - 6));
                     api.create(&env, &format!("key-{i:05}"), &value).await?;

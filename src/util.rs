@@ -87,6 +87,17 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+/// Where a JSON document failed to parse (error class, line, column), without serde's own message,
+/// which may quote a piece of the document (a value). For errors about server or pod content.
+pub fn json_error_position(e: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
+}
+
 /// Give memory the allocator keeps after a sync back to the system (glibc's `malloc_trim`): a sync of
 /// many keys allocates the response, the parsed entries and the rendered files at once, and glibc
 /// otherwise keeps most of that peak mapped for good (10,000 keys × 1 KiB: ~48 MiB). Other C

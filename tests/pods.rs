@@ -404,6 +404,16 @@ impl Ns {
         (ip, forward)
     }
 
+    /// [`Ns::dev_server`] with the two entries most tests use: `db.url` (`db_url`) and `api.token` (the
+    /// secret value no log may show).
+    async fn app_server(&self, db_url: &str) -> (String, PortForward) {
+        self.dev_server(&[
+            ("db.url", json!(db_url)),
+            ("api.token", json!(SECRET_VALUE)),
+        ])
+        .await
+    }
+
     /// `kubectl exec POD -c CONTAINER -- ARGS`: stdout, or None if it failed.
     async fn exec(&self, pod: &str, container: &str, args: &[&str]) -> Option<String> {
         let mut all = vec!["-n", &self.name, "exec", pod, "-c", container, "--"];
@@ -517,14 +527,8 @@ while true; do sleep 1 & wait $!; done
 /// (1) files mode: the init container ran first (the app read its files at start); a PUT on the server
 /// shows up in the app container's view; modes and ownership as README documents.
 async fn files_mode_app_reads_files_at_start_and_sees_a_change() {
-    let node = node();
-    let ns = Ns::new(node, "files").await;
-    let (ip, server) = ns
-        .dev_server(&[
-            ("db.url", json!("postgres://db/app")),
-            ("api.token", json!(SECRET_VALUE)),
-        ])
-        .await;
+    let ns = Ns::new(node(), "files").await;
+    let (ip, server) = ns.app_server("postgres://db/app").await;
     ns.credentials("osc-credentials", USER_KEY).await;
     ns.helm_install("rel", &chart_values(&ip, "osc-credentials", APP_SCRIPT))
         .await;
@@ -636,8 +640,7 @@ async fn files_mode_app_reads_files_at_start_and_sees_a_change() {
 /// (6) `manifests/job-once.yaml`, with the test images, the dev server and this namespace: the Job
 /// completes, and its container read the dotenv file the init container wrote.
 async fn job_once_manifest_completes() {
-    let node = node();
-    let ns = Ns::new(node, "job").await;
+    let ns = Ns::new(node(), "job").await;
     let (ip, _server) = ns
         .dev_server(&[
             ("db.url", json!("postgres://db/app")),
@@ -701,8 +704,7 @@ async fn job_once_manifest_completes() {
 /// (5a) A wrong user key: the init container exits 4, the pod shows `Init:Error` (or the back-off
 /// after it), the app never starts, and the log names the cause without any key or value.
 async fn wrong_user_key_fails_the_init_container_with_exit_4() {
-    let node = node();
-    let ns = Ns::new(node, "wrongkey").await;
+    let ns = Ns::new(node(), "wrongkey").await;
     let (ip, _server) = ns.dev_server(&[("api.token", json!(SECRET_VALUE))]).await;
     ns.credentials("bad-credentials", WRONG_KEY).await;
     ns.helm_install("bad", &chart_values(&ip, "bad-credentials", APP_SCRIPT))
@@ -780,14 +782,8 @@ async fn put_and_wait_sync(server: &PortForward, admin: &PortForward, value: &st
 /// (2) signal action: the app process in the other container (shared process namespace, KILL
 /// capability) gets exactly one SIGHUP per real change, none on a no-op PUT.
 async fn signal_action_sends_one_hup_per_real_change_and_none_on_a_no_op() {
-    let node = node();
-    let ns = Ns::new(node, "signal").await;
-    let (ip, server) = ns
-        .dev_server(&[
-            ("db.url", json!("postgres://db/app")),
-            ("api.token", json!(SECRET_VALUE)),
-        ])
-        .await;
+    let ns = Ns::new(node(), "signal").await;
+    let (ip, server) = ns.app_server("postgres://db/app").await;
     ns.credentials("osc-credentials", USER_KEY).await;
     let actions = json!([{"type": "signal", "process": "sh", "signal": "HUP"}]);
     ns.helm_install("sig", &action_values(&ip, actions, 10))
@@ -849,14 +845,8 @@ async fn signal_action_sends_one_hup_per_real_change_and_none_on_a_no_op() {
 /// process gets SIGTERM and exits; kubelet restarts it and it reads the new files at start); after
 /// `maxActions` runs the breaker stops restarts while files keep syncing.
 async fn restart_container_action_restarts_the_app_once_per_change_until_the_breaker() {
-    let node = node();
-    let ns = Ns::new(node, "restart").await;
-    let (ip, server) = ns
-        .dev_server(&[
-            ("db.url", json!("postgres://db/app")),
-            ("api.token", json!(SECRET_VALUE)),
-        ])
-        .await;
+    let ns = Ns::new(node(), "restart").await;
+    let (ip, server) = ns.app_server("postgres://db/app").await;
     ns.credentials("osc-credentials", USER_KEY).await;
     let actions = json!([{"type": "restart-container", "process": "sh", "grace": "5s"}]);
     ns.helm_install("rst", &action_values(&ip, actions, 2))
@@ -940,8 +930,7 @@ async fn restart_container_action_restarts_the_app_once_per_change_until_the_bre
 /// With the server gone longer than `--stale-after`, `/healthz` fails and kubelet restarts the agent
 /// container (liveness), while the app keeps running on its files.
 async fn probes_gate_readiness_and_liveness_restarts_the_agent() {
-    let node = node();
-    let ns = Ns::new(node, "probes").await;
+    let ns = Ns::new(node(), "probes").await;
     let (ip, server) = ns.dev_server(&[]).await;
     ns.credentials("osc-credentials", USER_KEY).await;
     let mut values = chart_values(
@@ -1110,8 +1099,7 @@ async fn pods_of(ns: &Ns, rs: &Value) -> Vec<String> {
 /// `envFrom`, and each real change makes exactly one new ReplicaSet (both replicas' agents see the change;
 /// the keyed content hash makes their restarts one rollout); a no-op PUT makes none.
 async fn secret_mode_rollout_restart_two_replicas_one_rollout_per_change() {
-    let node = node();
-    let ns = Ns::new(node, "rollout").await;
+    let ns = Ns::new(node(), "rollout").await;
     let (ip, server) = ns
         .dev_server(&[
             ("DB_URL", json!("postgres://db1/app")),
@@ -1215,14 +1203,8 @@ async fn secret_mode_rollout_restart_two_replicas_one_rollout_per_change() {
 /// backup: the init container renders the backup and exits 0, the pod becomes Ready on those stale
 /// values (`/status` says so), and once the server answers the agent syncs its values into the app's view.
 async fn server_down_at_start_the_fallback_backup_starts_the_pod_stale_and_it_heals() {
-    let node = node();
-    let ns = Ns::new(node, "fallback").await;
-    let (ip, server) = ns
-        .dev_server(&[
-            ("db.url", json!("postgres://backup/app")),
-            ("api.token", json!(SECRET_VALUE)),
-        ])
-        .await;
+    let ns = Ns::new(node(), "fallback").await;
+    let (ip, server) = ns.app_server("postgres://backup/app").await;
     // The backup holds the old value; the server has moved on since.
     let resp = common::http_client()
         .post(format!("{}/backup?environment=prod", server.url))
@@ -1355,12 +1337,7 @@ async fn injector_adds_the_agent_to_annotated_pods_only() {
     let ns = Ns::new(node(), "inject").await;
     let apps = Ns::new(node(), "inject-apps").await;
     let skipped = Ns::new(node(), "inject-skip").await;
-    let (ip, server) = ns
-        .dev_server(&[
-            ("db.url", json!("postgres://db/app")),
-            ("api.token", json!(SECRET_VALUE)),
-        ])
-        .await;
+    let (ip, server) = ns.app_server("postgres://db/app").await;
     let values = json!({
         "standalone": {"enabled": false},
         "image": {"repository": "localhost/osc-agent", "tag": "pods", "pullPolicy": "Never"},

@@ -150,7 +150,11 @@ fn answer(req: &AdmissionRequest, defaults: &InjectorDefaults) -> (AdmissionResp
                 refuse(
                     uid,
                     400,
-                    format!("osc-agent injector cannot read the pod: {e}"),
+                    // serde's message may quote a field's value (an env var's, say): never echoed.
+                    format!(
+                        "osc-agent injector cannot read the pod: {}",
+                        crate::util::json_error_position(&e)
+                    ),
                 ),
                 Outcome::Error,
             );
@@ -255,5 +259,13 @@ mod tests {
         let (out, outcome) = respond(&review(json!({"spec": "not a pod spec"})), &defaults());
         assert_eq!(outcome, Outcome::Error);
         assert!(!out.response.unwrap().allowed);
+
+        // A pod the injector cannot read: the denial names where, never a value from the pod.
+        let bad = json!({"spec": {"containers": [{"name": "app", "ports": [{"containerPort": "s3cr3t-token"}]}]}});
+        let (out, outcome) = respond(&review(bad), &defaults());
+        assert_eq!(outcome, Outcome::Error);
+        let message = out.response.unwrap().status.unwrap().message;
+        assert!(message.contains("cannot read the pod"), "{message}");
+        assert!(!message.contains("s3cr3t-token"), "{message}");
     }
 }

@@ -267,10 +267,12 @@ async fn mutate_handler(State(state): State<AppState>, body: Bytes) -> Response 
                 .admissions
                 .get_or_create(&vec![("result".into(), "error".into())])
                 .inc();
-            tracing::warn!("injector: a request to /mutate is not an AdmissionReview: {e}");
+            // Where, never serde's text (it may quote a value from the pod).
+            let why = crate::util::json_error_position(&e);
+            tracing::warn!("injector: a request to /mutate is not an AdmissionReview: {why}");
             return (
                 StatusCode::BAD_REQUEST,
-                format!("not an AdmissionReview v1: {e}\n"),
+                format!("not an AdmissionReview v1: {why}\n"),
             )
                 .into_response();
         }

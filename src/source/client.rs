@@ -272,12 +272,7 @@ impl Client {
             .map_err(|e| SourceError::BadResponse {
                 url: shown,
                 // Only the position and class: serde's message may quote the server's text.
-                reason: format!(
-                    "{:?} error at line {} column {}",
-                    e.classify(),
-                    e.line(),
-                    e.column()
-                ),
+                reason: crate::util::json_error_position(&e),
             })
     }
 

@@ -58,14 +58,8 @@ struct Listed<'a> {
 /// The body is not such an array (not JSON, an entry without `key` or `value`, a non-string key or
 /// category): the reason gives the error class and position only, never text from the body.
 pub fn parse_list(body: &[u8]) -> Result<Vec<Entry>, String> {
-    let listed: Vec<Listed<'_>> = serde_json::from_slice(body).map_err(|e| {
-        format!(
-            "{:?} error at line {} column {}",
-            e.classify(),
-            e.line(),
-            e.column()
-        )
-    })?;
+    let listed: Vec<Listed<'_>> =
+        serde_json::from_slice(body).map_err(|e| crate::util::json_error_position(&e))?;
     let mut entries = Vec::with_capacity(listed.len());
     for item in listed {
         match parse_value(item.value.get()) {
@@ -99,10 +93,8 @@ pub fn parse_value(raw: &str) -> Result<Value, String> {
     }
     let mut value: Value = serde_json::from_str(raw).map_err(|e| {
         format!(
-            "its value is not valid JSON ({:?} error at line {} column {})",
-            e.classify(),
-            e.line(),
-            e.column()
+            "its value is not valid JSON ({})",
+            crate::util::json_error_position(&e)
         )
     })?;
     if scan.respelled {
