@@ -1,7 +1,6 @@
 //! One reconcile: list the environment, select, render, write. The live loop calls this on every hint;
 //! `--once` calls it once.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,7 +13,7 @@ use crate::sink::kube::ObjectSink;
 use crate::sink::{self, SinkError, WriteReport};
 use crate::source::backup::{self, BackupInfo, BackupLoadError};
 use crate::source::{Client, SourceError};
-use crate::state::{Filter, Snapshot};
+use crate::state::{Digests, Filter, Snapshot};
 
 /// What one successful (or partly successful) reconcile did.
 #[derive(Debug, Default, Clone)]
@@ -68,7 +67,7 @@ pub struct Applied {
     pub report: SyncReport,
     pub rendered: Arc<Rendered>,
     /// Keyed hash of each selected entry's value, to tell actions which keys changed.
-    pub digests: BTreeMap<String, String>,
+    pub digests: Digests,
     /// Keys changed since the local outputs were last completely written (by this or an earlier
     /// process), from the record beside them; `None` when unknown.
     pub changed_on_disk: Option<Vec<String>>,
@@ -77,7 +76,7 @@ pub struct Applied {
 impl Applied {
     /// Keys changed since `previous` (digests this process applied before), else since what is on
     /// disk, else every key.
-    pub fn changed_keys(&self, previous: Option<&BTreeMap<String, String>>) -> Vec<String> {
+    pub fn changed_keys(&self, previous: Option<&Digests>) -> Vec<String> {
         match (previous, &self.changed_on_disk) {
             (None, Some(keys)) => keys.clone(),
             (previous, _) => changed_keys(previous, &self.digests),
@@ -122,18 +121,19 @@ enum Origin {
 }
 
 /// Keys added, changed or removed between two digest maps (all keys when there is no previous one).
-pub fn changed_keys(
-    previous: Option<&BTreeMap<String, String>>,
-    current: &BTreeMap<String, String>,
-) -> Vec<String> {
+pub fn changed_keys(previous: Option<&Digests>, current: &Digests) -> Vec<String> {
     let Some(prev) = previous else {
-        return current.keys().cloned().collect();
+        return current.keys().map(str::to_owned).collect();
     };
     let mut keys: Vec<String> = current
         .iter()
-        .filter(|(k, d)| prev.get(*k) != Some(*d))
-        .map(|(k, _)| k.clone())
-        .chain(prev.keys().filter(|k| !current.contains_key(*k)).cloned())
+        .filter(|(k, d)| prev.get(k) != Some(*d))
+        .map(|(k, _)| k.to_owned())
+        .chain(
+            prev.keys()
+                .filter(|k| !current.contains_key(k))
+                .map(str::to_owned),
+        )
         .collect();
     keys.sort();
     keys
@@ -276,11 +276,12 @@ impl Agent {
         if let Ok(secret) = hash_secret(&self.source) {
             self.hasher.rekey(&secret);
         }
-        let digests: BTreeMap<String, String> = snapshot
-            .entries
-            .iter()
-            .map(|(k, e)| (k.clone(), value_digest(&self.hasher, &e.value)))
-            .collect();
+        // Kept until the next sync: in one buffer (see `Digests`); the entries come in key order.
+        let mut digests = Digests::with_capacity(snapshot.entries.len());
+        for (k, e) in &snapshot.entries {
+            digests.push(k, &value_digest(&self.hasher, &e.value));
+        }
+        digests.shrink_to_fit();
         let config_hash = config_hash(&self.hasher, &digests);
         let renderer = self.renderer.clone();
         let rendered = tokio::task::spawn_blocking(move || renderer.render(&snapshot))
@@ -424,7 +425,7 @@ pub fn value_digest(hasher: &ContentHasher, value: &serde_json::Value) -> String
 /// The configuration hash: of the selected keys and their values only, so it is the same for every
 /// replica whatever its output paths or formats (actions and `rollout-restart` carry it; `/status` shows
 /// it as `sync.config_hash`). `digests` maps each key to its [`value_digest`].
-pub fn config_hash(hasher: &ContentHasher, digests: &BTreeMap<String, String>) -> String {
+pub fn config_hash(hasher: &ContentHasher, digests: &Digests) -> String {
     hasher.fields(
         digests
             .iter()

@@ -110,6 +110,35 @@ pub fn release_freed_memory() {
     }
 }
 
+/// Set glibc's malloc up so that what a sync frees can go back to the system (call once, first thing in
+/// `main`, before any thread starts; nothing on other C libraries):
+/// - one arena for all threads (`M_ARENA_MAX` 1): the agent allocates little at a time, and every extra
+///   per-thread arena keeps free pages of its own;
+/// - a fixed mmap threshold of 128 KiB (`M_MMAP_THRESHOLD`): buffers at least that large (a list
+///   response, a rendered directory) get their own mapping, unmapped when freed. Without it glibc raises
+///   the threshold after the first such buffer is freed and serves the next ones from the heap, where
+///   they fragment it.
+///
+/// Measured with 10,000 keys × 1 KiB (README "Footprint"). An operator's own settings win: nothing is
+/// changed when `GLIBC_TUNABLES`, `MALLOC_ARENA_MAX` or `MALLOC_MMAP_THRESHOLD_` is set.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if [
+        "GLIBC_TUNABLES",
+        "MALLOC_ARENA_MAX",
+        "MALLOC_MMAP_THRESHOLD_",
+    ]
+    .iter()
+    .all(|v| std::env::var_os(v).is_none())
+    {
+        // SAFETY: mallopt only sets allocator parameters; it is called before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

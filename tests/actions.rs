@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -135,7 +134,7 @@ fn config_hash(entries: &[(&str, Value)]) -> String {
     let hasher = HASHER.get_or_init(|| {
         osc_agent::hash::ContentHasher::derive(&osc_agent::config::Secret::new(USER_KEY.into()))
     });
-    let digests: BTreeMap<String, String> = entries
+    let digests: osc_agent::state::Digests = entries
         .iter()
         .map(|(k, v)| (k.to_string(), osc_agent::sync::value_digest(hasher, v)))
         .collect();

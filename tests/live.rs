@@ -180,11 +180,7 @@ fn mount_secret(secret_dir: &Path, key: &str) {
     osc_agent::sink::dir::write(
         &DirPayload {
             path: secret_dir.to_owned(),
-            files: [(
-                "user-key".to_string(),
-                bytes::Bytes::from(format!("{key}\n").into_bytes()),
-            )]
-            .into(),
+            files: [("user-key", format!("{key}\n"))].into_iter().collect(),
         },
         &FileOptions {
             mode: 0o600,

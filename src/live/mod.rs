@@ -18,7 +18,6 @@ mod debounce;
 mod ondemand;
 mod watch;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -222,7 +221,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
     // Actions skip the first sync of a fresh start: the app reads its first files by itself.
     let existed_at_start = crate::sink::existing_outputs(&settings.outputs).is_some();
     let mut first_apply = true;
-    let mut digests: Option<BTreeMap<String, String>> = None;
+    let mut digests: Option<crate::state::Digests> = None;
     let mut last: Option<Arc<Rendered>> = None;
 
     loop {
@@ -303,7 +302,7 @@ pub async fn run(agent: Agent, settings: &Settings, ctx: LiveContext) {
                             watcher.watch_outputs(&dirs, &files);
                         }
                         if let Some(dir) = &applied.rendered.dir {
-                            watcher.set_keys(&dir.path, dir.files.keys().cloned());
+                            watcher.set_keys(&dir.path, dir.files.names().clone());
                         }
                     }
                     telemetry.on_sync_ok(&applied.report, took);

@@ -14,7 +14,6 @@
 //! level and shown in `/status.watch` and `osc_agent_watch_mode`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
@@ -26,6 +25,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
 use super::Trigger;
+use crate::state::NameSet;
 use crate::telemetry::Telemetry;
 use crate::util::escape_path;
 
@@ -59,7 +59,7 @@ struct Targets {
     credential_files: BTreeSet<PathBuf>,
     credential_dirs: BTreeSet<PathBuf>,
     /// Output directory → the visible names (keys) last written there.
-    output_dirs: BTreeMap<PathBuf, BTreeSet<OsString>>,
+    output_dirs: BTreeMap<PathBuf, NameSet>,
     output_files: BTreeSet<PathBuf>,
     /// Polling: the fingerprints of the last round (new targets get theirs when they are added).
     baseline: BTreeMap<PathBuf, Fingerprint>,
@@ -91,7 +91,8 @@ impl Targets {
                     // The directory itself (removed, replaced).
                     None => true,
                     Some(Component::Normal(first)) => {
-                        first.as_encoded_bytes().starts_with(b"..") || keys.contains(first)
+                        first.as_encoded_bytes().starts_with(b"..")
+                            || first.to_str().is_some_and(|k| keys.contains(k))
                     }
                     Some(_) => false,
                 }
@@ -286,11 +287,11 @@ impl Watch {
     }
 
     /// The keys just written into output directory `dir` (their links are watched).
-    pub fn set_keys(&self, dir: &Path, keys: impl IntoIterator<Item = String>) {
+    pub fn set_keys(&self, dir: &Path, keys: NameSet) {
         if let Ok(mut t) = self.targets.lock()
             && let Some(set) = t.output_dirs.get_mut(&absolute(dir))
         {
-            *set = keys.into_iter().map(OsString::from).collect();
+            *set = keys;
             if matches!(self.backend, Backend::Polling { .. }) {
                 t.take_baseline();
             }
@@ -449,7 +450,7 @@ mod tests {
             ..Targets::default()
         };
         t.output_dirs
-            .insert("/out".into(), [OsString::from("db.url")].into());
+            .insert("/out".into(), ["db.url"].into_iter().collect());
         let c = |p: &str| t.classify(Path::new(p));
         assert_eq!(c("/s/user-key"), (false, true));
         assert_eq!(c("/s/..data"), (false, true));

@@ -17,17 +17,94 @@ pub use names::{object_key_reason, unsafe_reason};
 
 use crate::config::{ConfigError, Outputs, ValueFormat};
 use crate::hash::ContentHasher;
-use crate::state::Snapshot;
+use crate::state::{NameSet, Snapshot};
 use template::Templates;
 
 /// Files for the one-file-per-key directory.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DirPayload {
     pub path: PathBuf,
-    /// File name → bytes. All of them are slices of one buffer: the render is kept until the next sync
-    /// (drift repair), and 10,000 separate allocations among a sync's transient ones would keep the
-    /// allocator from returning that transient memory (see README "Footprint").
-    pub files: BTreeMap<String, bytes::Bytes>,
+    pub files: DirFiles,
+}
+
+/// File name → bytes, in name order. The render is kept until the next sync (drift repair without a
+/// server call): names in one [`NameSet`], contents in one buffer, so that keeping it costs a few
+/// allocations, not two per file among the sync's transient ones (see [`crate::state::NameSet`]).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct DirFiles {
+    names: NameSet,
+    data: Vec<u8>,
+    /// End of each file's bytes in `data`.
+    ends: Vec<usize>,
+}
+
+impl DirFiles {
+    /// Append file `name`; it must sort after every name already present (returns false and changes
+    /// nothing otherwise).
+    pub fn push(&mut self, name: &str, bytes: &[u8]) -> bool {
+        if !self.names.push(name) {
+            return false;
+        }
+        self.data.extend_from_slice(bytes);
+        self.ends.push(self.data.len());
+        true
+    }
+
+    /// Give back the spare capacity (call once filled).
+    pub fn shrink_to_fit(&mut self) {
+        self.names.shrink_to_fit();
+        self.data.shrink_to_fit();
+        self.ends.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    fn bytes(&self, i: usize) -> &[u8] {
+        let end = self.ends.get(i).copied().unwrap_or_default();
+        let start = match i.checked_sub(1) {
+            Some(before) => self.ends.get(before).copied().unwrap_or(end),
+            None => 0,
+        };
+        self.data.get(start..end).unwrap_or_default()
+    }
+
+    /// The bytes of file `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.names.position(name).map(|i| self.bytes(i))
+    }
+
+    /// The file names in order.
+    pub fn names(&self) -> &NameSet {
+        &self.names
+    }
+
+    /// `(name, bytes)` in name order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &[u8])> + '_ {
+        self.names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n, self.bytes(i)))
+    }
+}
+
+impl<S: AsRef<str>, B: AsRef<[u8]>> FromIterator<(S, B)> for DirFiles {
+    /// Any order; for a name given twice, the first is kept.
+    fn from_iter<I: IntoIterator<Item = (S, B)>>(iter: I) -> DirFiles {
+        let mut pairs: Vec<(S, B)> = iter.into_iter().collect();
+        pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        let mut files = DirFiles::default();
+        for (name, bytes) in &pairs {
+            files.push(name.as_ref(), bytes.as_ref());
+        }
+        files.shrink_to_fit();
+        files
+    }
 }
 
 /// One single-file output (aggregate or template).
@@ -44,7 +121,7 @@ impl fmt::Debug for DirPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DirPayload")
             .field("path", &self.path)
-            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .field("files", self.files.names())
             .finish()
     }
 }
@@ -140,8 +217,7 @@ impl Renderer {
         let dir = match &self.outputs.dir {
             None => None,
             Some(path) => {
-                let mut buffer = Vec::new();
-                let mut spans = Vec::with_capacity(snap.entries.len());
+                let mut files = DirFiles::default();
                 for (key, entry) in &snap.entries {
                     if let Some(reason) = unsafe_reason(key) {
                         rejected.push(RejectedKey {
@@ -152,15 +228,10 @@ impl Renderer {
                         continue;
                     }
                     let bytes = self.value_bytes(key, &entry.value)?;
-                    spans.push((key, buffer.len()..buffer.len() + bytes.len()));
-                    buffer.extend_from_slice(&bytes);
+                    // The entries are a map: their keys come in order, each once.
+                    files.push(key, &bytes);
                 }
-                buffer.shrink_to_fit();
-                let buffer = bytes::Bytes::from(buffer);
-                let files = spans
-                    .into_iter()
-                    .map(|(key, span)| (key.clone(), buffer.slice(span)))
-                    .collect();
+                files.shrink_to_fit();
                 Some(DirPayload {
                     path: path.clone(),
                     files,
@@ -245,7 +316,7 @@ fn content_hash(
     let mut fields: Vec<&[u8]> = vec![format.as_bytes()];
     if let Some(d) = dir {
         fields.push(d.path.as_os_str().as_encoded_bytes());
-        for (name, bytes) in &d.files {
+        for (name, bytes) in d.files.iter() {
             fields.push(name.as_bytes());
             fields.push(bytes);
         }
@@ -315,7 +386,7 @@ mod tests {
             ]))
             .unwrap();
         let dir = out.dir.unwrap();
-        assert_eq!(dir.files.keys().collect::<Vec<_>>(), vec!["ok"]);
+        assert_eq!(dir.files.names().iter().collect::<Vec<_>>(), vec!["ok"]);
         assert_eq!(out.rejected.len(), 2);
         let agg: serde_json::Value = serde_json::from_slice(&out.files[0].contents).unwrap();
         assert_eq!(agg["../x"], json!("a"));

@@ -262,7 +262,7 @@ fn write_with(
     let mut outcome = DirOutcome::default();
     // A name held by something we did not create is left alone and reported.
     let mut files: BTreeMap<&str, &[u8]> = BTreeMap::new();
-    for (name, bytes) in &payload.files {
+    for (name, bytes) in payload.files.iter() {
         let path = dir.join(name);
         if std::fs::symlink_metadata(&path).is_ok() && !is_our_link(dir, name) {
             outcome.conflicts.push(SinkError {
@@ -478,10 +478,7 @@ mod tests {
     fn payload(dir: &Path, pairs: &[(&str, &str)]) -> DirPayload {
         DirPayload {
             path: dir.to_owned(),
-            files: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), bytes::Bytes::copy_from_slice(v.as_bytes())))
-                .collect(),
+            files: pairs.iter().map(|(k, v)| (k, v.as_bytes())).collect(),
         }
     }
 

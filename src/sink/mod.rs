@@ -14,7 +14,7 @@ pub mod file;
 pub mod kube;
 mod own;
 
-use std::collections::BTreeMap;
+use crate::state::Digests;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -150,10 +150,7 @@ pub fn claim(outputs: &Outputs) -> Result<(), SinkError> {
 /// The keys whose value differs from the one the local outputs were last completely written from (by
 /// this or an earlier process), as recorded by [`record_keys`]; `digests` maps each key to its value
 /// digest. `None` when that is unknown: no local output, or one without a record (a first run).
-pub fn changed_since_record(
-    outputs: &Outputs,
-    digests: &BTreeMap<String, String>,
-) -> Option<Vec<String>> {
+pub fn changed_since_record(outputs: &Outputs, digests: &Digests) -> Option<Vec<String>> {
     let mut changed = std::collections::BTreeSet::new();
     let files = own::record_files(outputs);
     if files.is_empty() {
@@ -167,7 +164,7 @@ pub fn changed_since_record(
 
 /// Record, beside every local output, the keys (salted digests of their values) it now holds: call
 /// after every output was written without error. Skips outputs whose record is already up to date.
-pub fn record_keys(outputs: &Outputs, digests: &BTreeMap<String, String>) -> Result<(), SinkError> {
+pub fn record_keys(outputs: &Outputs, digests: &Digests) -> Result<(), SinkError> {
     for f in own::record_files(outputs) {
         own::record_keys(&f, digests)
             .map_err(|e| SinkError::io(&f, "cannot record the keys", &e))?;

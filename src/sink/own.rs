@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use super::{SinkError, no_follow};
 use crate::config::Outputs;
+use crate::state::Digests;
 use crate::util::escape_path;
 
 /// The lock and state file of an output directory.
@@ -228,17 +229,17 @@ fn salted(salt: &str, key: &str, digest: &str) -> String {
 
 /// Keys whose digest differs from the record in the lock file `path` (added, changed, removed), sorted;
 /// `None` without a record.
-pub(crate) fn changed_keys(path: &Path, digests: &BTreeMap<String, String>) -> Option<Vec<String>> {
+pub(crate) fn changed_keys(path: &Path, digests: &Digests) -> Option<Vec<String>> {
     let record = read_state(path).ok()??.keys?;
     let mut keys: Vec<String> = digests
         .iter()
         .filter(|(k, d)| record.digests.get(*k) != Some(&salted(&record.salt, k, d)))
-        .map(|(k, _)| k.clone())
+        .map(|(k, _)| k.to_owned())
         .chain(
             record
                 .digests
                 .keys()
-                .filter(|k| !digests.contains_key(*k))
+                .filter(|k| !digests.contains_key(k))
                 .cloned(),
         )
         .collect();
@@ -248,7 +249,7 @@ pub(crate) fn changed_keys(path: &Path, digests: &BTreeMap<String, String>) -> O
 
 /// Record `digests` in the lock file `path`, unless it already holds them. Nothing when the file does
 /// not exist (the output keeps no lock file beside it).
-pub(crate) fn record_keys(path: &Path, digests: &BTreeMap<String, String>) -> io::Result<()> {
+pub(crate) fn record_keys(path: &Path, digests: &Digests) -> io::Result<()> {
     if std::fs::symlink_metadata(path).is_err()
         || changed_keys(path, digests).is_some_and(|c| c.is_empty())
     {
@@ -264,7 +265,7 @@ pub(crate) fn record_keys(path: &Path, digests: &BTreeMap<String, String>) -> io
     let record = KeyRecord {
         digests: digests
             .iter()
-            .map(|(k, d)| (k.clone(), salted(&salt, k, d)))
+            .map(|(k, d)| (k.to_owned(), salted(&salt, k, d)))
             .collect(),
         salt,
     };
@@ -281,11 +282,8 @@ pub(crate) fn record_keys(path: &Path, digests: &BTreeMap<String, String>) -> io
 mod tests {
     use super::*;
 
-    fn digests(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn digests(pairs: &[(&str, &str)]) -> Digests {
+        pairs.iter().copied().collect()
     }
 
     #[test]

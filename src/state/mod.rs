@@ -14,6 +14,9 @@ use tracing::warn;
 use crate::config::{ConfigError, Selection, setting};
 use crate::util::Escaped;
 
+mod names;
+pub use names::{Digests, NameSet};
+
 /// One configuration entry as listed by the server. `Debug` never shows the value.
 #[derive(Clone, PartialEq, serde::Deserialize)]
 pub struct Entry {
