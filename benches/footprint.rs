@@ -101,55 +101,67 @@ fn main() -> Res<()> {
     let url = format!("http://{}", server.ready);
 
     let python = std::env::var_os("OSC_BENCH_PYTHON").map(PathBuf::from);
+    // The runners of one round: every binary, then the Python client (`None`) when there is one.
+    let runners: Vec<(&str, Option<&PathBuf>)> = bins
+        .iter()
+        .map(|(name, bin)| (name.as_str(), Some(bin)))
+        .chain(python.as_ref().map(|_| ("python (no fsync)", None)))
+        .collect();
     let mut once: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut runs = 0usize;
     for round in 0..rounds {
-        for (name, bin) in &bins {
-            let out = scratch.path().join(format!("once-{name}-{round}"));
+        // Each round starts with another runner: on this machine's disk the first run of a round was
+        // measured faster, whichever it was.
+        let order = runners
+            .iter()
+            .cycle()
+            .skip(round % runners.len())
+            .take(runners.len());
+        for (name, bin) in order {
+            runs += 1;
+            let out = scratch.path().join(format!("once-{runs}"));
             settle()?;
             let t0 = Instant::now();
-            let status = Command::new(bin)
-                .args(["--once", "--server", &url, "--environment", ENV])
-                .arg("--user-key-file")
-                .arg(&key_file)
-                .arg("--output-dir")
-                .arg(&out)
-                .args(["--log-format", "json"])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?;
+            let status = match (bin, &python) {
+                (Some(bin), _) => Command::new(bin)
+                    .args(["--once", "--server", &url, "--environment", ENV])
+                    .arg("--user-key-file")
+                    .arg(&key_file)
+                    .arg("--output-dir")
+                    .arg(&out)
+                    .args(["--log-format", "json"])
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()?,
+                (None, Some(py)) => {
+                    std::fs::create_dir_all(&out)?;
+                    Command::new(py)
+                        .arg("-c")
+                        .arg(PYTHON_CLIENT)
+                        .arg(&url)
+                        .arg(&out)
+                        .env("OSC_USER_KEY", USER_KEY)
+                        .stdin(Stdio::null())
+                        .status()?
+                }
+                (None, None) => continue,
+            };
             let secs = t0.elapsed().as_secs_f64();
             if !status.success() {
                 return Err(format!("{name}: --once failed: {status}").into());
             }
-            once.entry(name.clone()).or_default().push(secs);
-            std::fs::remove_dir_all(&out)?;
-        }
-        if let Some(py) = &python {
-            let out = scratch.path().join(format!("once-python-{round}"));
-            std::fs::create_dir_all(&out)?;
-            settle()?;
-            let t0 = Instant::now();
-            let status = Command::new(py)
-                .arg("-c")
-                .arg(PYTHON_CLIENT)
-                .arg(&url)
-                .arg(&out)
-                .env("OSC_USER_KEY", USER_KEY)
-                .stdin(Stdio::null())
-                .status()?;
-            let secs = t0.elapsed().as_secs_f64();
-            if !status.success() {
-                return Err(format!("python client failed: {status}").into());
-            }
-            let written = std::fs::read_dir(&out)?.count();
+            let written = std::fs::read_dir(&out)?
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                })
+                .count();
             if written != keys {
-                return Err(format!("python client wrote {written} files, not {keys}").into());
+                return Err(format!("{name} wrote {written} files, not {keys}").into());
             }
-            once.entry("python (no fsync)".into())
-                .or_default()
-                .push(secs);
+            once.entry((*name).to_owned()).or_default().push(secs);
             std::fs::remove_dir_all(&out)?;
         }
     }

@@ -2,12 +2,15 @@
 //! otherwise), this pod's labels and annotations (environment discovery), its owner chain (Pod →
 //! ReplicaSet → Deployment, or StatefulSet/DaemonSet) and the rollout-restart patch.
 //!
-//! Only stable core/v1 and apps/v1 APIs are used, so old API servers work too.
+//! Only stable core/v1 and apps/v1 APIs are used, so old API servers work too. Pods and ReplicaSets are
+//! read as metadata only (`PartialObjectMetadata`), and workloads as untyped objects: the agent needs a
+//! few fields of each, and every typed object read here would link one more copy of the large
+//! k8s-openapi deserializers into the binary (README "Footprint").
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use tracing::info;
 
 use crate::config::{ConfigError, PodRef, setting};
@@ -59,7 +62,7 @@ pub async fn environment_of_pod(
 ) -> Result<Option<(String, &'static str)>, ClusterError> {
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
     let p = api
-        .get(&pod.name)
+        .get_metadata(&pod.name)
         .await
         .map_err(|e| explain(&e, "get", "pods", &pod.namespace))?;
     let meta = p.metadata;
@@ -128,7 +131,7 @@ pub async fn workload_of(client: &kube::Client, pod: &PodRef) -> Result<Workload
     let ns = &pod.namespace;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let p = pods
-        .get(&pod.name)
+        .get_metadata(&pod.name)
         .await
         .map_err(|e| explain(&e, "get", "pods", ns))?;
     let owner = controller(p.metadata.owner_references.as_ref()).ok_or_else(|| {
@@ -140,7 +143,7 @@ pub async fn workload_of(client: &kube::Client, pod: &PodRef) -> Result<Workload
     let owner = if owner.kind == "ReplicaSet" && owner.api_version == "apps/v1" {
         let rs: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
         let r = rs
-            .get(&owner.name)
+            .get_metadata(&owner.name)
             .await
             .map_err(|e| explain(&e, "get", "replicasets", ns))?;
         controller(r.metadata.owner_references.as_ref()).ok_or_else(|| {
@@ -179,31 +182,27 @@ pub async fn rollout_restart(
     let patch = serde_json::json!({
         "spec": {"template": {"metadata": {"annotations": {CONFIG_HASH_ANNOTATION: hash}}}}
     });
-    macro_rules! patch_kind {
-        ($ty:ty, $resource:literal) => {{
-            let api: Api<$ty> = Api::namespaced(client.clone(), &w.namespace);
-            let current = api
-                .get(&w.name)
-                .await
-                .map_err(|e| explain(&e, "get", $resource, &w.namespace))?;
-            let existing = current
-                .spec
-                .and_then(|s| s.template.metadata)
-                .and_then(|m| m.annotations)
-                .and_then(|a| a.get(CONFIG_HASH_ANNOTATION).cloned());
-            if existing.as_deref() == Some(hash) {
-                return Ok(false);
-            }
-            api.patch(&w.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| explain(&e, "patch", $resource, &w.namespace))?;
-            Ok(true)
-        }};
+    let (resource, plural) = match w.kind.as_str() {
+        "Deployment" => (ApiResource::erase::<Deployment>(&()), "deployments"),
+        "StatefulSet" => (ApiResource::erase::<StatefulSet>(&()), "statefulsets"),
+        "DaemonSet" => (ApiResource::erase::<DaemonSet>(&()), "daemonsets"),
+        other => return Err(ClusterError(format!("cannot roll out a {other}"))),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &w.namespace, &resource);
+    let current = api
+        .get(&w.name)
+        .await
+        .map_err(|e| explain(&e, "get", plural, &w.namespace))?;
+    let existing = current
+        .data
+        .pointer("/spec/template/metadata/annotations")
+        .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
+        .and_then(|v| v.as_str());
+    if existing == Some(hash) {
+        return Ok(false);
     }
-    match w.kind.as_str() {
-        "Deployment" => patch_kind!(Deployment, "deployments"),
-        "StatefulSet" => patch_kind!(StatefulSet, "statefulsets"),
-        "DaemonSet" => patch_kind!(DaemonSet, "daemonsets"),
-        other => Err(ClusterError(format!("cannot roll out a {other}"))),
-    }
+    api.patch(&w.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| explain(&e, "patch", plural, &w.namespace))?;
+    Ok(true)
 }

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -442,24 +442,6 @@ fn swap_data_link(dir: &Path, generation: &str) -> Result<(), SinkError> {
         return Err(SinkError::io(dir, "cannot swap the ..data link", &e));
     }
     Ok(())
-}
-
-/// Read every file of the current generation consistently (test and debugging helper): resolves
-/// `..data` once and reads below that directory; `None` if the generation vanished meanwhile.
-pub fn read_generation(dir: &Path) -> Option<BTreeMap<String, Vec<u8>>> {
-    let generation = dir.join(current_generation(dir)?);
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(&generation).ok()? {
-        let entry = entry.ok()?;
-        let bytes = std::fs::read(entry.path()).ok()?;
-        out.insert(entry.file_name().to_string_lossy().into_owned(), bytes);
-    }
-    Some(out)
-}
-
-/// Inode of a path (for "nothing was rewritten" checks).
-pub fn inode(path: &Path) -> Option<u64> {
-    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 #[cfg(test)]
