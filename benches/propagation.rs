@@ -15,24 +15,19 @@
 //! 2. **Idle memory.** An agent synced to 100 keys and to 10,000 keys × 1 KiB, once it has stopped
 //!    syncing: `VmRSS` and `VmHWM` (peak) from `/proc/<pid>/status`.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
 mod common;
 
-use common::{Res, memory};
+use common::{Proc, Res, Tail, memory, pct, signed_ms};
 
-const BIN: &str = env!("CARGO_BIN_EXE_osc-agent");
 const USER_KEY: &str = "bench-user-key-0042";
 const KEY: &str = "k";
 /// Longest wait for one update's event or file before the run fails.
@@ -203,14 +198,6 @@ fn wait_file(dir: &Path, expected: &[u8], deadline: Instant) -> Option<Instant> 
     }
 }
 
-fn signed_ms(t: Instant, t0: Instant) -> f64 {
-    if t >= t0 {
-        (t - t0).as_secs_f64() * 1e3
-    } else {
-        -(t0 - t).as_secs_f64() * 1e3
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The bare SSE reader: what an ideal client of the stream would see.
 
@@ -319,93 +306,6 @@ async fn idle_memory(ctx: &Ctx, env: &str) -> Res<(f64, f64)> {
 
 // ---------------------------------------------------------------------------------------------
 // Processes and the dev server's REST API
-
-/// A child process (killed on drop) with the last lines it logged, for error messages.
-struct Proc {
-    child: Child,
-    /// What the ready line announced (`127.0.0.1:PORT`).
-    addr: String,
-    tail: Tail,
-}
-
-impl Proc {
-    /// Spawn `osc-agent args` and wait (30 s at most) for the line `ready` extracts an address from.
-    async fn spawn(args: &[&str], ready: fn(&str) -> Option<String>) -> Res<Proc> {
-        // OSC_BENCH_BIN measures another build of the same sources (e.g. the static musl binary the
-        // image ships), for the dev server and the agents alike.
-        let bin = std::env::var("OSC_BENCH_BIN").unwrap_or_else(|_| BIN.to_owned());
-        let mut child = Command::new(bin)
-            .args(args)
-            .env_remove("OSC_USER_KEY")
-            .env_remove("OSC_LOG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let tail = Tail::default();
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        drain(child.stdout.take(), tail.clone(), tx.clone());
-        drain(child.stderr.take(), tail.clone(), tx);
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.recv().await {
-                if let Some(addr) = ready(&line) {
-                    return Some(addr);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(addr)) => Ok(Proc { child, addr, tail }),
-            _ => Err(format!("osc-agent {args:?} did not start:\n{}", tail.text()).into()),
-        }
-    }
-
-    fn pid(&self) -> Res<u32> {
-        Ok(self.child.id().ok_or("process already exited")?)
-    }
-
-    /// SIGKILL and reap.
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-/// Forward a child's output lines to `tail` (and to `tx` while someone listens).
-fn drain(
-    out: Option<impl AsyncRead + Unpin + Send + 'static>,
-    tail: Tail,
-    tx: UnboundedSender<String>,
-) {
-    let Some(out) = out else { return };
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = tx.send(line.clone());
-            tail.push(line);
-        }
-    });
-}
-
-/// The last 40 lines of a process's output.
-#[derive(Clone, Default)]
-struct Tail(Arc<Mutex<VecDeque<String>>>);
-
-impl Tail {
-    fn push(&self, line: String) {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if t.len() == 40 {
-            t.pop_front();
-        }
-        t.push_back(line);
-    }
-    fn text(&self) -> String {
-        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
 
 /// An agent in live mode, with its admin server on a free loopback port.
 struct Agent {
@@ -563,14 +463,6 @@ impl Api {
 
 // ---------------------------------------------------------------------------------------------
 // Report
-
-/// Nearest-rank percentile.
-fn pct(samples: &[f64], p: f64) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
-}
 
 fn ms(x: f64) -> String {
     if x.abs() < 10.0 {
