@@ -17,7 +17,7 @@ pub use names::{object_key_reason, unsafe_reason};
 
 use crate::config::{ConfigError, Outputs, ValueFormat};
 use crate::hash::ContentHasher;
-use crate::state::{NameSet, Snapshot};
+use crate::state::{NameMap, Snapshot};
 use template::Templates;
 
 /// Files for the one-file-per-key directory.
@@ -28,84 +28,9 @@ pub struct DirPayload {
 }
 
 /// File name → bytes, in name order. The render is kept until the next sync (drift repair without a
-/// server call): names in one [`NameSet`], contents in one buffer, so that keeping it costs a few
-/// allocations, not two per file among the sync's transient ones (see [`crate::state::NameSet`]).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct DirFiles {
-    names: NameSet,
-    data: Vec<u8>,
-    /// End of each file's bytes in `data`.
-    ends: Vec<usize>,
-}
-
-impl DirFiles {
-    /// Append file `name`; it must sort after every name already present (returns false and changes
-    /// nothing otherwise).
-    pub fn push(&mut self, name: &str, bytes: &[u8]) -> bool {
-        if !self.names.push(name) {
-            return false;
-        }
-        self.data.extend_from_slice(bytes);
-        self.ends.push(self.data.len());
-        true
-    }
-
-    /// Give back the spare capacity (call once filled).
-    pub fn shrink_to_fit(&mut self) {
-        self.names.shrink_to_fit();
-        self.data.shrink_to_fit();
-        self.ends.shrink_to_fit();
-    }
-
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
-    fn bytes(&self, i: usize) -> &[u8] {
-        let end = self.ends.get(i).copied().unwrap_or_default();
-        let start = match i.checked_sub(1) {
-            Some(before) => self.ends.get(before).copied().unwrap_or(end),
-            None => 0,
-        };
-        self.data.get(start..end).unwrap_or_default()
-    }
-
-    /// The bytes of file `name`, if present.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.names.position(name).map(|i| self.bytes(i))
-    }
-
-    /// The file names in order.
-    pub fn names(&self) -> &NameSet {
-        &self.names
-    }
-
-    /// `(name, bytes)` in name order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &[u8])> + '_ {
-        self.names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n, self.bytes(i)))
-    }
-}
-
-impl<S: AsRef<str>, B: AsRef<[u8]>> FromIterator<(S, B)> for DirFiles {
-    /// Any order; for a name given twice, the first is kept.
-    fn from_iter<I: IntoIterator<Item = (S, B)>>(iter: I) -> DirFiles {
-        let mut pairs: Vec<(S, B)> = iter.into_iter().collect();
-        pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
-        let mut files = DirFiles::default();
-        for (name, bytes) in &pairs {
-            files.push(name.as_ref(), bytes.as_ref());
-        }
-        files.shrink_to_fit();
-        files
-    }
-}
+/// server call): names in one buffer, contents in another, so that keeping it costs a few allocations,
+/// not two per file among the sync's transient ones (see [`crate::state::NameSet`]).
+pub type DirFiles = NameMap;
 
 /// One single-file output (aggregate or template).
 #[derive(Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use crate::config::{ConfigError, Selection, setting};
 use crate::util::Escaped;
 
 mod names;
-pub use names::{Digests, NameSet};
+pub use names::{Digests, NameMap, NameSet};
 
 /// One configuration entry as listed by the server. `Debug` never shows the value.
 #[derive(Clone, PartialEq, serde::Deserialize)]

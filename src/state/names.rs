@@ -9,6 +9,18 @@
 
 use std::fmt;
 
+use std::ops::Range;
+
+/// The span of item `i` in a buffer where `ends[i]` is where item `i` ends.
+fn span(ends: &[usize], i: usize) -> Option<Range<usize>> {
+    let end = *ends.get(i)?;
+    let start = match i.checked_sub(1) {
+        Some(before) => *ends.get(before)?,
+        None => 0,
+    };
+    Some(start..end)
+}
+
 /// A set of names in ascending byte order, stored in one string. Lookups are binary searches.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct NameSet {
@@ -53,9 +65,7 @@ impl NameSet {
 
     /// The `i`-th name in order; `None` past the end.
     pub fn get(&self, i: usize) -> Option<&str> {
-        let end = *self.ends.get(i)?;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        self.text.get(start..end)
+        self.text.get(span(&self.ends, i)?)
     }
 
     fn last(&self) -> Option<&str> {
@@ -106,93 +116,159 @@ impl fmt::Debug for NameSet {
     }
 }
 
-/// Keyed digest (hex HMAC, see [`crate::sync::value_digest`]) of each selected entry's value, by key:
-/// what tells which keys changed from one sync to the next.
+/// Name → bytes, in name order: the names in one [`NameSet`], the values one after the other in one
+/// buffer. The files of `--output-dir` (`render::DirFiles`) and, through [`Digests`], the value digests.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Digests {
-    keys: NameSet,
-    /// The digests, in key order, one after the other.
-    digests: String,
-    /// End of each digest in `digests`.
+pub struct NameMap {
+    names: NameSet,
+    data: Vec<u8>,
+    /// End of each value in `data`.
     ends: Vec<usize>,
 }
+
+impl NameMap {
+    /// Room for `names` entries whose names and values take `name_bytes` and `value_bytes` in all.
+    pub fn with_capacity(names: usize, name_bytes: usize, value_bytes: usize) -> NameMap {
+        NameMap {
+            names: NameSet::with_capacity(names, name_bytes),
+            data: Vec::with_capacity(value_bytes),
+            ends: Vec::with_capacity(names),
+        }
+    }
+
+    /// Append `name` → `value`; `name` must sort after every name already present (returns false and
+    /// changes nothing otherwise).
+    pub fn push(&mut self, name: &str, value: &[u8]) -> bool {
+        if !self.names.push(name) {
+            return false;
+        }
+        self.data.extend_from_slice(value);
+        self.ends.push(self.data.len());
+        true
+    }
+
+    /// Give back the spare capacity (call once filled).
+    pub fn shrink_to_fit(&mut self) {
+        self.names.shrink_to_fit();
+        self.data.shrink_to_fit();
+        self.ends.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    fn value(&self, i: usize) -> &[u8] {
+        span(&self.ends, i)
+            .and_then(|r| self.data.get(r))
+            .unwrap_or_default()
+    }
+
+    /// The value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.names.position(name).map(|i| self.value(i))
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// The names in order.
+    pub fn names(&self) -> &NameSet {
+        &self.names
+    }
+
+    /// `(name, value)` in name order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &[u8])> + '_ {
+        self.names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n, self.value(i)))
+    }
+}
+
+impl<S: AsRef<str>, B: AsRef<[u8]>> FromIterator<(S, B)> for NameMap {
+    /// Any order; for a name given twice, the first is kept.
+    fn from_iter<I: IntoIterator<Item = (S, B)>>(iter: I) -> NameMap {
+        let mut pairs: Vec<(S, B)> = iter.into_iter().collect();
+        pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        let mut map = NameMap::default();
+        for (name, value) in &pairs {
+            map.push(name.as_ref(), value.as_ref());
+        }
+        map.shrink_to_fit();
+        map
+    }
+}
+
+/// Keyed digest (hex HMAC, see [`crate::sync::value_digest`]) of each selected entry's value, by key:
+/// what tells which keys changed from one sync to the next. A [`NameMap`] of text.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Digests(NameMap);
 
 impl Digests {
     /// Room for `keys` keys.
     pub fn with_capacity(keys: usize) -> Digests {
-        Digests {
-            keys: NameSet::with_capacity(keys, keys * 16),
-            digests: String::with_capacity(keys * 64),
-            ends: Vec::with_capacity(keys),
-        }
+        Digests(NameMap::with_capacity(keys, keys * 16, keys * 64))
     }
 
     /// Append `key` → `digest`; `key` must sort after every key already present (returns false and
     /// changes nothing otherwise).
     pub fn push(&mut self, key: &str, digest: &str) -> bool {
-        if !self.keys.push(key) {
-            return false;
-        }
-        self.digests.push_str(digest);
-        self.ends.push(self.digests.len());
-        true
+        self.0.push(key, digest.as_bytes())
     }
 
     pub fn shrink_to_fit(&mut self) {
-        self.keys.shrink_to_fit();
-        self.digests.shrink_to_fit();
-        self.ends.shrink_to_fit();
+        self.0.shrink_to_fit();
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
-    fn digest(&self, i: usize) -> Option<&str> {
-        let end = *self.ends.get(i)?;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        self.digests.get(start..end)
+        self.0.is_empty()
     }
 
     /// The digest of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.digest(self.keys.position(key)?)
+        self.0.get(key).map(text)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
-        self.keys.contains(key)
+        self.0.contains_key(key)
     }
 
     /// The keys in ascending order.
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.keys.iter()
+        self.0.names().iter()
     }
 
     /// `(key, digest)` in key order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        (0..self.len()).map(|i| {
-            (
-                self.keys.get(i).unwrap_or_default(),
-                self.digest(i).unwrap_or_default(),
-            )
-        })
+        self.0.iter().map(|(k, d)| (k, text(d)))
     }
+}
+
+/// Digests are only ever pushed as text.
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
 }
 
 impl<K: AsRef<str>, D: AsRef<str>> FromIterator<(K, D)> for Digests {
     /// Any order; for a key given twice, the first digest is kept.
     fn from_iter<I: IntoIterator<Item = (K, D)>>(iter: I) -> Digests {
-        let mut pairs: Vec<(K, D)> = iter.into_iter().collect();
-        pairs.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
-        let mut digests = Digests::with_capacity(pairs.len());
-        for (k, d) in &pairs {
-            digests.push(k.as_ref(), d.as_ref());
-        }
-        digests
+        let pairs: Vec<(K, D)> = iter.into_iter().collect();
+        Digests(
+            pairs
+                .iter()
+                .map(|(k, d)| (k.as_ref(), d.as_ref().as_bytes()))
+                .collect(),
+        )
     }
 }
 
@@ -236,5 +312,22 @@ mod tests {
             [("a", "1"), ("b", "22"), ("c", "333")]
         );
         assert_eq!(format!("{d:?}"), r#"{"a": "1", "b": "22", "c": "333"}"#);
+    }
+
+    #[test]
+    fn name_maps_keep_values_by_name() {
+        let m: NameMap = [("b", &b"2"[..]), ("a", b""), ("c", b"333")]
+            .into_iter()
+            .collect();
+        assert_eq!(m.get("a"), Some(&b""[..]));
+        assert_eq!(m.get("c"), Some(&b"333"[..]));
+        assert_eq!(m.get("d"), None);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            [("a", &b""[..]), ("b", b"2"), ("c", b"333")]
+        );
+        let mut m = m;
+        assert!(!m.push("b", b"x"), "out of order");
+        assert_eq!(m.len(), 3);
     }
 }
