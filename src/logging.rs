@@ -7,38 +7,98 @@
 
 use std::io::{self, Write};
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::LogFormat;
+use crate::util::escape;
+
+/// Longest panic message printed, in bytes (the rest is cut).
+const PANIC_MESSAGE_MAX: usize = 512;
+
+/// Report a panic (a bug) as one line on stderr, `osc-agent: error: internal error at FILE:LINE:COL:
+/// MESSAGE`, the message escaped like every log record and cut at [`PANIC_MESSAGE_MAX`] bytes. The
+/// release build then aborts (`panic = "abort"`): the process dies of `SIGABRT` and kubelet restarts
+/// the container. Installed first in `main`, before anything can panic.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+        let message = info.payload_as_str().unwrap_or("(no message)");
+        let _ = writeln!(
+            io::stderr().lock(),
+            "{}",
+            panic_line(location.as_deref(), message)
+        );
+    }));
+}
+
+/// The line [`install_panic_hook`] prints.
+fn panic_line(location: Option<&str>, message: &str) -> String {
+    let mut end = message.len().min(PANIC_MESSAGE_MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = if end < message.len() { "…" } else { "" };
+    let location = location
+        .map(|l| format!(" at {}", escape(l)))
+        .unwrap_or_default();
+    format!(
+        "osc-agent: error: internal error{location}: {}{cut} (a bug: please report it)",
+        escape(&message[..end])
+    )
+}
 
 pub fn init(format: LogFormat) {
     init_with_default(format, "info")
 }
 
 /// Like [`init`], with another default level (the demo keeps its terminal for its own output).
+///
+/// `$OSC_LOG` (or `$RUST_LOG`) is a comma-separated list of `level` and `target=level` directives
+/// (`debug`, `info,osc_agent=debug,kube=warn`; levels `trace`, `debug`, `info`, `warn`, `error`, `off`).
+/// The span and field filters of `tracing`'s `EnvFilter` (`[span{field=value}]`) are not supported: a
+/// list that does not parse is reported once and the default level applies.
 pub fn init_with_default(format: LogFormat, default: &str) {
     // notify logs every inotify event at trace level: with the log file in a watched directory, each
     // line would cause the next. It stays at warn unless named explicitly.
-    let filter = std::env::var("OSC_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .map(|f| match f.contains("notify") {
-            true => f,
-            false => format!("{f},notify=warn"),
-        })
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(format!("{default},notify=warn")));
+    let with_notify = |f: &str| match f.contains("notify") {
+        true => f.to_owned(),
+        false => format!("{f},notify=warn"),
+    };
+    let (variable, asked) = match std::env::var("OSC_LOG") {
+        Ok(f) => ("OSC_LOG", Some(f)),
+        Err(_) => ("RUST_LOG", std::env::var("RUST_LOG").ok()),
+    };
+    let parsed = asked.as_deref().map(|f| with_notify(f).parse::<Targets>());
+    let bad = matches!(parsed, Some(Err(_)));
+    let filter = match parsed {
+        Some(Ok(targets)) => targets,
+        _ => with_notify(default).parse().unwrap_or_default(),
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(OneLine)
         // Colours are escape sequences, which the writer neutralises: none.
         .with_ansi(false)
         .with_target(false);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.finish().with(filter).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(filter)
+            .try_init(),
     };
+    if let (true, Some(asked)) = (bad, asked) {
+        tracing::warn!(
+            "${variable} '{}' is not a list of level and target=level directives: level {default} applies",
+            escape(&asked)
+        );
+    }
 }
 
 /// Writes each formatted record to stderr as one line (the formatter hands over one whole record,
@@ -100,5 +160,21 @@ mod tests {
             error_line("osc-agent", &"bad\r\nkey"),
             "osc-agent: error: bad\\r\\nkey"
         );
+    }
+
+    #[test]
+    fn a_panic_is_one_escaped_bounded_line() {
+        assert_eq!(
+            panic_line(Some("src/x.rs:1:2"), "boom\nINFO forged"),
+            "osc-agent: error: internal error at src/x.rs:1:2: boom\\nINFO forged (a bug: please report it)"
+        );
+        let long = "é".repeat(PANIC_MESSAGE_MAX);
+        let line = panic_line(None, &long);
+        assert!(
+            line.starts_with("osc-agent: error: internal error: éé"),
+            "{line}"
+        );
+        assert!(line.ends_with("é… (a bug: please report it)"), "{line}");
+        assert_eq!(line.matches('é').count(), PANIC_MESSAGE_MAX / 2);
     }
 }

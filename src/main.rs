@@ -18,6 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    logging::install_panic_hook();
     #[cfg(not(any(feature = "mimalloc", feature = "jemalloc")))]
     osc_agent::util::tune_allocator();
     osc_agent::source::install_crypto_provider();

@@ -17,8 +17,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::Pod as FullPod;
 use libtest_mimic::{Arguments, Failed, Trial};
+use osc_agent::injector::Pod;
 use osc_agent::injector::{InjectorDefaults, mutate};
 use serde_json::{Value, json};
 
@@ -56,7 +57,7 @@ fn pretty(v: &impl serde::Serialize) -> String {
 }
 
 /// What the API server would reject, checked on the patched pod.
-fn check_patched(pod: &Pod) -> Result<(), Failed> {
+fn check_patched(pod: &FullPod) -> Result<(), Failed> {
     let spec = pod.spec.as_ref().ok_or("the patched pod has no spec")?;
     let containers: Vec<_> = spec
         .containers
@@ -146,9 +147,10 @@ fn run_case(dir: &Path) -> Result<(), Failed> {
     if let Ok(Some(ops)) = result {
         let mut doc = pod_json;
         json_patch::patch(&mut doc, &ops).map_err(|e| format!("the patch does not apply: {e}"))?;
-        let patched: Pod = serde_json::from_value(doc)
+        let full: FullPod = serde_json::from_value(doc.clone())
             .map_err(|e| format!("the patched pod is not a Pod: {e}"))?;
-        check_patched(&patched)?;
+        check_patched(&full)?;
+        let patched: Pod = serde_json::from_value(doc)?;
         let again = mutate(&patched, &namespace, &defaults)
             .map_err(|d| format!("second pass denied: {d}"))?;
         if again.is_some() {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -100,6 +101,56 @@ async fn once_writes_the_kubelet_layout_and_a_second_run_writes_nothing() {
     );
     assert!(r.stderr.contains("nothing changed"), "{}", r.stderr);
 
+    logs.assert_free_of(&[DB_PASSWORD, API_TOKEN, USER_KEY]);
+}
+
+/// `OSC_LOG` takes `level` and `target=level` directives; one that does not parse is named in a warning
+/// and the default level applies (the run itself goes on).
+#[tokio::test]
+async fn the_log_filter_is_applied_and_a_bad_one_is_reported() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    seed(&server.api()).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let out_s = out.display().to_string();
+    let args = once_args(&server, &scratch, &out_s, &[]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let levels = |stderr: &str| -> BTreeSet<String> {
+        stderr
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(str::to_owned)
+            .collect()
+    };
+
+    let quiet = run_agent(&logs, &refs, &[("OSC_LOG", "error")]).await;
+    assert_eq!(quiet.code, 0, "{quiet:?}");
+    assert!(quiet.stderr.is_empty(), "nothing at error level: {quiet:?}");
+
+    let r = run_agent(&logs, &refs, &[("OSC_LOG", "error,osc_agent=info")]).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        levels(&r.stderr),
+        BTreeSet::from(["INFO".to_owned()]),
+        "{}",
+        r.stderr
+    );
+
+    let bad = "osc_agent=loud";
+    let r = run_agent(&logs, &refs, &[("OSC_LOG", bad), ("RUST_LOG", "error")]).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("$OSC_LOG '{bad}' is not a list of level and target=level directives: level info applies")),
+        "{}",
+        r.stderr
+    );
+    let seen = levels(&r.stderr);
+    assert!(
+        seen.contains("INFO") && !seen.contains("DEBUG"),
+        "{}",
+        r.stderr
+    );
     logs.assert_free_of(&[DB_PASSWORD, API_TOKEN, USER_KEY]);
 }
 

@@ -2,9 +2,8 @@
 //! writes, and the answer to one review. Pure: the HTTPS server only moves bytes.
 
 use base64::Engine as _;
-use k8s_openapi::api::core::v1::Pod;
 
-use super::{InjectorDefaults, mutate};
+use super::{InjectorDefaults, Pod, mutate};
 
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -27,8 +26,8 @@ pub struct AdmissionRequest {
     pub namespace: Option<String>,
     #[serde(default)]
     pub operation: Option<String>,
-    /// The pod as sent, parsed only once the request is known to be a pod's CREATE (and with the
-    /// same deserializer the Kubernetes client uses, so the binary carries one copy of that code).
+    /// The pod as sent, parsed (as [`Pod`]: the fields the injector reads) only once the request is
+    /// known to be a pod's CREATE.
     #[serde(default)]
     pub object: Option<Box<serde_json::value::RawValue>>,
 }

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use super::Pod;
 use super::mutate::{Denial, InjectorDefaults};
 use crate::action::ActionSpec;
 use crate::config::{FileMode, OutputFormat};

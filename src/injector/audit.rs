@@ -13,9 +13,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, EventSource, Namespace, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -198,7 +198,11 @@ async fn pass(
 
 /// Writes the pod's Event, unless one is there already (another replica's, or an earlier run's).
 async fn record(client: &kube::Client, pod: &Missing) -> Result<(), kube::Error> {
-    let events: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
+    // Untyped (the API server answers a create with the whole Event, which is not read): no Event
+    // deserializer in the binary for one write.
+    let resource = ApiResource::erase::<Event>(&());
+    let events: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &pod.namespace, &resource);
     let existing = events
         .list_metadata(
             &ListParams::default()
@@ -209,41 +213,31 @@ async fn record(client: &kube::Client, pod: &Missing) -> Result<(), kube::Error>
     if !existing.items.is_empty() {
         return Ok(());
     }
-    let now = jiff::Timestamp::now();
-    let event = Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", pod.name)),
-            namespace: Some(pod.namespace.clone()),
-            ..Default::default()
+    let now = Time(jiff::Timestamp::now());
+    let mut event = DynamicObject::new("", &resource).within(&pod.namespace);
+    event.metadata.name = None;
+    event.metadata.generate_name = Some(format!("{}.", pod.name));
+    event.data = serde_json::json!({
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod.name,
+            "namespace": pod.namespace,
+            "uid": pod.uid,
         },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
-            ..Default::default()
-        },
-        reason: Some(REASON.into()),
-        message: Some(
-            "this pod asked for osc-agent (osc-agent.io/inject) but was created while no injector answered \
-             (failurePolicy: Ignore): it runs without the agent and its files. Delete it to get a pod with the agent."
-                .into(),
-        ),
-        type_: Some("Warning".into()),
-        source: Some(EventSource {
-            component: Some("osc-agent-injector".into()),
-            ..Default::default()
-        }),
-        reporting_component: Some("osc-agent.io/injector".into()),
-        reporting_instance: Some(std::env::var("HOSTNAME").unwrap_or_else(|_| "osc-agent-injector".into())),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        action: Some("Audit".into()),
-        count: Some(1),
-        ..Default::default()
-    };
+        "reason": REASON,
+        "message": "this pod asked for osc-agent (osc-agent.io/inject) but was created while no injector answered \
+             (failurePolicy: Ignore): it runs without the agent and its files. Delete it to get a pod with the agent.",
+        "type": "Warning",
+        "source": {"component": "osc-agent-injector"},
+        "reportingComponent": "osc-agent.io/injector",
+        "reportingInstance": std::env::var("HOSTNAME").unwrap_or_else(|_| "osc-agent-injector".into()),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "eventTime": MicroTime(now.0),
+        "action": "Audit",
+        "count": 1,
+    });
     events
         .create(&PostParams::default(), &event)
         .await

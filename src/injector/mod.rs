@@ -12,7 +12,9 @@ pub mod admission;
 pub mod annotations;
 pub mod audit;
 mod mutate;
+pub mod pod;
 pub mod server;
 mod tls;
 
 pub use mutate::{Denial, InjectorDefaults, mutate};
+pub use pod::Pod;

@@ -163,7 +163,7 @@ impl InjectorArgs {
         d.admin_port = self.agent_admin_port;
         // The same checks as a pod's annotation would get.
         if let Some(secret) = &d.credentials_secret {
-            let probe = k8s_openapi::api::core::v1::Pod {
+            let probe = super::Pod {
                 metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                     annotations: Some(
                         [

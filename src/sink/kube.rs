@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use k8s_openapi::ByteString;
+use base64::Engine as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use serde_json::{Map, Value};
 
 use super::SinkError;
 use crate::cluster::{self, ClusterError};
@@ -35,6 +36,25 @@ impl Kind {
         match self {
             Kind::ConfigMap => "configmaps",
             Kind::Secret => "secrets",
+        }
+    }
+
+    /// Group, version and kind of the objects. Both kinds go through one untyped client
+    /// (`Api<DynamicObject>`, as `rollout-restart` does): one copy of the request and response code in
+    /// the binary instead of one per kind.
+    fn api_resource(self) -> ApiResource {
+        match self {
+            Kind::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
+            Kind::Secret => ApiResource::erase::<Secret>(&()),
+        }
+    }
+
+    /// One value of the object's `data` as the API holds it: text in a ConfigMap (invalid UTF-8
+    /// replaced), base64 in a Secret.
+    fn encode(self, value: &[u8]) -> String {
+        match self {
+            Kind::ConfigMap => String::from_utf8_lossy(value).into_owned(),
+            Kind::Secret => base64::engine::general_purpose::STANDARD.encode(value),
         }
     }
 }
@@ -177,41 +197,22 @@ impl ObjectSink {
         } else {
             PatchParams::apply(FIELD_MANAGER)
         };
-        let result = match kind {
-            Kind::ConfigMap => {
-                let data = payload
-                    .data
-                    .iter()
-                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
-                    .collect::<BTreeMap<_, _>>();
-                let obj = ConfigMap {
-                    metadata: meta,
-                    data: Some(data),
-                    ..Default::default()
-                };
-                let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-                api.patch(name, &params, &Patch::Apply(&obj))
-                    .await
-                    .map(|_| ())
-            }
-            Kind::Secret => {
-                let data = payload
-                    .data
-                    .iter()
-                    .map(|(k, v)| (k.clone(), ByteString(v.clone())))
-                    .collect::<BTreeMap<_, _>>();
-                let obj = Secret {
-                    metadata: meta,
-                    data: Some(data),
-                    type_: Some("Opaque".into()),
-                    ..Default::default()
-                };
-                let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-                api.patch(name, &params, &Patch::Apply(&obj))
-                    .await
-                    .map(|_| ())
-            }
+        let data: Map<String, Value> = payload
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(kind.encode(v))))
+            .collect();
+        let mut obj = DynamicObject::new(name, &kind.api_resource());
+        obj.metadata = meta;
+        obj.data = match kind {
+            Kind::ConfigMap => serde_json::json!({ "data": data }),
+            Kind::Secret => serde_json::json!({ "data": data, "type": "Opaque" }),
         };
+        let result = self
+            .api(kind)
+            .patch(name, &params, &Patch::Apply(&obj))
+            .await
+            .map(drop);
         match result {
             Ok(()) => {
                 self.remember(&id, &payload.hash);
@@ -251,51 +252,35 @@ impl ObjectSink {
     async fn holds(&self, kind: Kind, name: &str, payload: &ObjectPayload) -> Result<bool, String> {
         let explain =
             |e: kube::Error| cluster::explain(&e, "get", kind.resource(), &self.namespace).0;
-        Ok(match kind {
-            Kind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
-                .get_opt(name)
-                .await
-                .map_err(explain)?
-                .and_then(|o| o.data)
-                .is_some_and(|live| {
-                    live.len() == payload.data.len()
-                        && payload
-                            .data
-                            .iter()
-                            .all(|(k, v)| live.get(k).map(String::as_bytes) == Some(v.as_slice()))
-                }),
-            Kind::Secret => Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
-                .get_opt(name)
-                .await
-                .map_err(explain)?
-                .and_then(|o| o.data)
-                .is_some_and(|live| {
-                    live.len() == payload.data.len()
-                        && payload
-                            .data
-                            .iter()
-                            .all(|(k, v)| live.get(k).map(|b| b.0.as_slice()) == Some(v.as_slice()))
-                }),
-        })
+        let live = self.api(kind).get_opt(name).await.map_err(explain)?;
+        Ok(live
+            .as_ref()
+            .and_then(|o| o.data.get("data"))
+            .and_then(Value::as_object)
+            .is_some_and(|live| {
+                live.len() == payload.data.len()
+                    && payload.data.iter().all(|(k, v)| {
+                        live.get(k).and_then(Value::as_str) == Some(kind.encode(v).as_str())
+                    })
+            }))
     }
 
     /// The hash annotation of the live object (`None` if it does not exist yet).
     async fn current_hash(&self, kind: Kind, name: &str) -> Result<Option<String>, String> {
-        let meta = match kind {
-            // Metadata only: the Secret's data never has to cross the wire (or reach a client log).
-            Kind::ConfigMap => Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
-                .get_metadata_opt(name)
-                .await
-                .map(|o| o.map(|o| o.metadata)),
-            Kind::Secret => Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
-                .get_metadata_opt(name)
-                .await
-                .map(|o| o.map(|o| o.metadata)),
-        }
-        .map_err(|e| cluster::explain(&e, "get", kind.resource(), &self.namespace).0)?;
+        // Metadata only: the Secret's data never has to cross the wire (or reach a client log).
+        let meta = self
+            .api(kind)
+            .get_metadata_opt(name)
+            .await
+            .map(|o| o.map(|o| o.metadata))
+            .map_err(|e| cluster::explain(&e, "get", kind.resource(), &self.namespace).0)?;
         Ok(meta
             .and_then(|m| m.annotations)
             .and_then(|a| a.get(HASH_ANNOTATION).cloned()))
+    }
+
+    fn api(&self, kind: Kind) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &kind.api_resource())
     }
 
     fn metadata(&self, name: &str, hash: &str) -> ObjectMeta {

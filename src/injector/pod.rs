@@ -1,0 +1,70 @@
+//! The parts of a pod the injector reads, as serde types: names, ports and mount paths of the
+//! containers, volume names, `restartPolicy`, `securityContext.fsGroup` and the metadata. Every other
+//! field of the pod is skipped unread, so the binary carries no deserializer for the whole `PodSpec`
+//! tree (k8s-openapi's `Pod` with its volume sources, probes and affinities: ~0.25 MB of code, README
+//! "Footprint"). The API server has already decoded and validated the object it sends; what the
+//! injector adds is checked by the API server again after the patch.
+//!
+//! Field names and types are those of `core/v1` (the same names as k8s-openapi's `Pod`, `PodSpec`,
+//! `Container`…), so a pod serialized by any client reads here unchanged.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+/// A pod, as far as the injector reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Pod {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<PodSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub containers: Vec<Container>,
+    #[serde(default)]
+    pub init_containers: Option<Vec<Container>>,
+    #[serde(default)]
+    pub restart_policy: Option<String>,
+    #[serde(default)]
+    pub security_context: Option<PodSecurityContext>,
+    #[serde(default)]
+    pub volumes: Option<Vec<Volume>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSecurityContext {
+    #[serde(default)]
+    pub fs_group: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    pub name: String,
+    #[serde(default)]
+    pub ports: Option<Vec<ContainerPort>>,
+    #[serde(default)]
+    pub volume_mounts: Option<Vec<VolumeMount>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    pub container_port: i32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMount {
+    pub mount_path: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Volume {
+    pub name: String,
+}
