@@ -3,6 +3,7 @@
 #   - kube-apiserver --enable-aggregator-routing: admission webhooks are called at a Service's endpoints (pod
 #     IPs) instead of its ClusterIP, which nothing routes here (no kube-proxy); tests/pods.rs's injector needs it.
 #   - install: a second kubernetes-validate (1.28.0, in venv-1.20/) with Kubernetes 1.20's schemas.
+#   - up: a timeout (API server, node Ready) or a dead component prints the log tail of every component not running.
 # k8s-node.sh: a real single-node Kubernetes v1.20.2 cluster (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubelet, containerd, runc) for tests that `helm install` a chart and watch real pods run.
 #   install                      apt packages; the 4 Kubernetes binaries (one build of Debian's kubernetes source); helm,
@@ -29,6 +30,7 @@ RUN=$(realpath -m "${KUBE_IT_DIR:-$PWD/target/k8s-node}"); NS=${K8S_NODE_NETNS:-
 NODE=osc-node NODE_IP=10.99.0.1 SVC_IP=10.96.0.1 PODS=10.244.0.0/24 PAUSE=localhost/pause:osc-k8s
 SOCK=$RUN/run/containerd/containerd.sock   # the node's /run/containerd/containerd.sock, as the host sees it
 K8S=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
+PARTS=(etcd apiserver containerd relay controller-manager scheduler kubelet forward)   # what `start` runs, by log name
 export K8S_TOOLS_CACHE=$CACHE KUBE_IT_DIR=$RUN K8S_NODE_NETNS=$NS K8S_NODE_PORT=$PORT PATH=$BIN:$PATH
 log() { echo "[k8s-node] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -109,7 +111,13 @@ starttime() { pstat "$1" | cut -d' ' -f20; }
 start() { local n=$1; shift; "$@" </dev/null >"$RUN/logs/$n.log" 2>&1 & echo "$! $(starttime $!)" >"$RUN/pids/$n.pid"; }
 pid() { local p t; read -r p t 2>/dev/null <"$RUN/pids/$1.pid" && running "$p" && [ "$(starttime "$p")" = "$t" ] && echo "$p"; }
 alive() { pid "$1" >/dev/null; }
-wait_for() { local what=$1 i; shift; for i in $(seq 600); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done; die "timed out: $what"; }
+dead_tails() {  # the log tail of every started component that is not running; false when none is
+  local n none=1; for n in "${PARTS[@]}"; do if [ -e "$RUN/pids/$n.pid" ] && ! alive "$n"; then
+    none=0; log "$n is not running; the end of $RUN/logs/$n.log:"; tail -n 15 "$RUN/logs/$n.log" >&2 || true; fi; done
+  return $none
+}
+wait_for() { local what=$1 i; shift; for i in $(seq 600); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  dead_tails || log "every component started so far is running; logs in $RUN/logs"; die "timed out: $what"; }
 
 cmd_up() {
   local t0=$SECONDS m i p
@@ -161,8 +169,9 @@ TOML
   for i in $(seq 480); do
     [ "$(kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] \
       && kubectl get sa default >/dev/null 2>&1 && break
-    for p in forward apiserver containerd kubelet; do alive $p || die "$p exited: $(tail -5 "$RUN/logs/$p.log")"; done
-    [ "$i" -lt 480 ] || die "node not Ready after 240 s; logs in $RUN/logs"; sleep 0.5
+    for p in forward apiserver containerd kubelet; do alive $p || { dead_tails || true; die "$p exited; logs in $RUN/logs"; }; done
+    [ "$i" -lt 480 ] || { dead_tails || tail -n 15 "$RUN/logs/kubelet.log" >&2 || true; die "node not Ready after 240 s; logs in $RUN/logs"; }
+    sleep 0.5
   done
   log "node $NODE Ready in $((SECONDS - t0)) s: export KUBECONFIG=$RUN/kubeconfig"
 }
@@ -235,5 +244,5 @@ case "${1:-}" in
   install|up|down) "cmd_$1" ;;
   image) shift; cmd_image "$@" ;;
   _node) node_main ;;
-  *) sed -n 2,10p "$0"; exit 2 ;;
+  *) sed -n 2,13p "$0"; exit 2 ;;
 esac

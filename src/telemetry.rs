@@ -81,6 +81,7 @@ struct Metrics {
     detector_changes: Family<ResultLabel, Counter>,
     detector_state: Family<StateLabel, Gauge>,
     detector_interval: Gauge<f64, AtomicU64>,
+    detector_last_poll: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -108,6 +109,7 @@ impl Metrics {
             detector_changes: Family::default(),
             detector_state: Family::default(),
             detector_interval: Gauge::default(),
+            detector_last_poll: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -220,6 +222,11 @@ impl Metrics {
             "The change detector's current poll interval (adaptive, --change-poll-interval up to \
              --change-poll-max)",
             m.detector_interval.clone(),
+        );
+        registry.register(
+            "osc_agent_detector_last_poll_timestamp_seconds",
+            "Unix time of the change detector's last metadata poll, whatever its result (0: none yet)",
+            m.detector_last_poll.clone(),
         );
         for via in NOTICED_VIA {
             let _ = m.changes_noticed.get_or_create(&ViaLabel { via });
@@ -467,6 +474,11 @@ impl Telemetry {
             .get_or_create(&ResultLabel { result })
             .inc();
         self.metrics.detector_interval.set(interval.as_secs_f64());
+        self.metrics.detector_last_poll.set(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         self.with(|s| {
             s.detector.polls += 1;
             s.detector.errors += u64::from(result == "error");

@@ -41,6 +41,10 @@ async fn detector(agent: &AgentProc) -> Value {
 // lands within the poll interval + 1 s, and the detector is credited for the ones the stream missed.
 #[tokio::test]
 async fn on_four_workers_every_update_lands_within_the_poll_interval() {
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
     let logs = Logs::default();
     let server = DevServer::start(&logs, &["--workers", "4"]).await;
     let api = server.api();
@@ -120,6 +124,14 @@ async fn on_four_workers_every_update_lands_within_the_poll_interval() {
     assert!(
         status["changes_missed_by_stream"].as_u64() > Some(0),
         "{status}"
+    );
+    // The last poll is in the metrics too, as a Unix time: after the 40 updates, not at 0.
+    let last_poll = agent
+        .metric("osc_agent_detector_last_poll_timestamp_seconds")
+        .await;
+    assert!(
+        last_poll >= started_unix,
+        "last poll {last_poll} is before the test's start {started_unix}"
     );
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }

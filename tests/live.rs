@@ -649,8 +649,13 @@ fn user_namespaces() -> bool {
 #[tokio::test]
 async fn without_inotify_the_agent_polls_drift_and_credentials() {
     if !user_namespaces() {
-        println!(
-            "SKIPPED without_inotify_the_agent_polls_drift_and_credentials: `unshare --user` is not available"
+        assert!(
+            std::env::var_os("OSC_REQUIRE_USERNS").is_none(),
+            "OSC_REQUIRE_USERNS is set but `unshare --user --map-root-user` fails here"
+        );
+        eprintln!(
+            "SKIPPED without_inotify_the_agent_polls_drift_and_credentials: `unshare --user` is not \
+             available (OSC_REQUIRE_USERNS=1 makes this a failure)"
         );
         return;
     }

@@ -3,6 +3,9 @@
 //! The request has no body. It carries the configured headers plus `X-Osc-Content-Hash` and
 //! `X-Osc-Environment`, so the app can tell which content it is asked to load. Errors and logs name the URL
 //! (without credentials) and the status or transport error, never a response body or a header value.
+//! No redirect is followed: the configured headers (often a token) would go to whatever origin, or over
+//! whatever scheme, the `Location` names. A 3xx answer fails the call at once, naming only the origin of
+//! its `Location`; configure the final URL instead.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -27,12 +30,14 @@ pub const HASH_HEADER: &str = "x-osc-content-hash";
 pub const ENVIRONMENT_HEADER: &str = "x-osc-environment";
 
 /// A client for reload calls: the agent's user agent, and no proxy (the endpoint is normally the app, in
-/// the same pod, which a proxy from the environment could not reach).
+/// the same pod, which a proxy from the environment could not reach), and no redirects (see the module
+/// documentation).
 pub fn build_client() -> Result<reqwest::Client, ActionError> {
     crate::source::install_crypto_provider();
     reqwest::Client::builder()
         .user_agent(concat!("osc-agent/", env!("CARGO_PKG_VERSION")))
         .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| ActionError(format!("http: cannot build a client: {}", error_chain(&e))))
 }
@@ -52,8 +57,11 @@ pub async fn call(
     loop {
         attempt += 1;
         let failure = match request.send(client).await {
-            Ok(status) if request.accepts(status) => return Ok(status.as_u16()),
-            Ok(status) => Failure::Status(status),
+            Ok((status, _)) if request.accepts(status) => return Ok(status.as_u16()),
+            Ok((status, location)) if status.is_redirection() => {
+                Failure::Redirect(status, location)
+            }
+            Ok((status, _)) => Failure::Status(status),
             Err(failure) => failure,
         };
         if failure.is_final() || attempt > retries {
@@ -87,6 +95,9 @@ struct Request {
 /// Why an attempt failed.
 enum Failure {
     Status(StatusCode),
+    /// A 3xx and the origin of its `Location` (or a phrase when there is none usable): never followed,
+    /// never retried (the same request gets the same answer).
+    Redirect(StatusCode, String),
     Timeout,
     /// A transport error worth retrying (connection refused, reset, ...).
     Transport(String),
@@ -96,7 +107,7 @@ enum Failure {
 
 impl Failure {
     fn is_final(&self) -> bool {
-        matches!(self, Failure::Fatal(_))
+        matches!(self, Failure::Fatal(_) | Failure::Redirect(..))
     }
 }
 
@@ -125,8 +136,9 @@ impl Request {
         })
     }
 
-    /// One attempt: the response status, or why there is none. The response body is never read.
-    async fn send(&self, client: &reqwest::Client) -> Result<StatusCode, Failure> {
+    /// One attempt: the response status (with, for a 3xx, the origin its `Location` names), or why
+    /// there is none. The response body is never read.
+    async fn send(&self, client: &reqwest::Client) -> Result<(StatusCode, String), Failure> {
         let response = client
             .request(self.method.clone(), self.url.clone())
             .headers(self.headers.clone())
@@ -134,7 +146,22 @@ impl Request {
             .send()
             .await
             .map_err(classify)?;
-        Ok(response.status())
+        let status = response.status();
+        let location = if status.is_redirection() {
+            response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| self.url.join(l).ok())
+                .filter(|l| l.host_str().is_some())
+                .map_or_else(
+                    || "no usable Location".to_owned(),
+                    |l| crate::source::origin(&l),
+                )
+        } else {
+            String::new()
+        };
+        Ok((status, location))
     }
 
     fn accepts(&self, status: StatusCode) -> bool {
@@ -154,6 +181,10 @@ impl Request {
                 };
                 format!("status {status} (expected {expected})")
             }
+            Failure::Redirect(status, location) => format!(
+                "status {status}, a redirect to {location}; reload calls follow no redirect (the \
+                 headers would go there): configure the final URL"
+            ),
             Failure::Timeout => format!("no response within {}", HumanDuration(self.timeout)),
             Failure::Transport(reason) | Failure::Fatal(reason) => reason.clone(),
         }
@@ -278,7 +309,12 @@ mod tests {
 
     impl Server {
         async fn start(statuses: Vec<u16>) -> Server {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            Server::start_on("127.0.0.1", statuses, None).await
+        }
+
+        /// On `ip`, with a `Location` header in every answer when one is given.
+        async fn start_on(ip: &str, statuses: Vec<u16>, location: Option<String>) -> Server {
+            let listener = TcpListener::bind((ip, 0)).await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             let seen = Arc::new(Mutex::new(Vec::new()));
             let log = Arc::clone(&seen);
@@ -290,7 +326,7 @@ mod tests {
                         .or(statuses.last())
                         .copied()
                         .unwrap_or(200);
-                    answer(stream, status, &log).await;
+                    answer(stream, status, location.as_deref(), &log).await;
                 }
             });
             Server {
@@ -306,7 +342,12 @@ mod tests {
 
     /// Reads one request head, records it, and only then answers `status` (so that a caller who has the
     /// answer finds the request recorded), closing the connection.
-    async fn answer(mut stream: TcpStream, status: u16, log: &Mutex<Vec<Seen>>) -> Option<()> {
+    async fn answer(
+        mut stream: TcpStream,
+        status: u16,
+        location: Option<&str>,
+        log: &Mutex<Vec<Seen>>,
+    ) -> Option<()> {
         let mut head = Vec::new();
         let mut buf = [0u8; 1024];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -330,8 +371,9 @@ mod tests {
             path,
             headers,
         });
+        let location = location.map_or_else(String::new, |l| format!("Location: {l}\r\n"));
         let response = format!(
-            "HTTP/1.1 {status} Whatever\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbody!"
+            "HTTP/1.1 {status} Whatever\r\n{location}Content-Length: 5\r\nConnection: close\r\n\r\nbody!"
         );
         stream.write_all(response.as_bytes()).await.ok()?;
         stream.shutdown().await.ok()
@@ -418,6 +460,49 @@ mod tests {
             "{err}"
         );
         assert!(!err.0.contains("body!"), "{err}");
+    }
+
+    /// A reload endpoint that redirects to another origin (127.0.0.2) or to another scheme: the call
+    /// fails at once naming the target's origin only; the token never reaches the other server.
+    #[tokio::test]
+    async fn redirects_are_not_followed_and_fail_at_once() {
+        let elsewhere = Server::start_on("127.0.0.2", vec![200], None).await;
+        let client = build_client().expect("client");
+        for (status, location) in [
+            (302, format!("{}?token=from-the-query", elsewhere.url)),
+            (307, elsewhere.url.replace("http://", "https://")),
+            (308, "/same-origin/other-path".to_owned()),
+        ] {
+            let server = Server::start_on("127.0.0.1", vec![status], Some(location.clone())).await;
+            let mut spec = spec(&server.url);
+            spec.headers
+                .insert("X-Api-Key".into(), "the-app-s-reload-token".into());
+            let err = call(&client, &spec, &ctx())
+                .await
+                .expect_err("a redirect is an error");
+            assert_eq!(server.seen().len(), 1, "not retried: {err}");
+            assert!(
+                err.0
+                    .contains(&format!("failed after 1 attempt: status {status}"))
+                    && err.0.contains("follow no redirect"),
+                "{err}"
+            );
+            let target = server
+                .url
+                .parse::<Url>()
+                .expect("url")
+                .join(&location)
+                .expect("join");
+            assert!(
+                err.0.contains(&crate::source::origin(&target)),
+                "names the target's origin: {err}"
+            );
+            assert!(
+                !err.0.contains("from-the-query") && !err.0.contains("-path"),
+                "only the origin: {err}"
+            );
+        }
+        assert!(elsewhere.seen().is_empty(), "{:?}", elsewhere.seen());
     }
 
     #[tokio::test]

@@ -211,19 +211,79 @@ fn check_token_shape(token: &str) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// The decrypted document, each configuration's value still as JSON text: values are parsed one by one
+/// like a listing's (`state::parse_value`: numbers exactly as written, no recursion limit failing the
+/// whole backup).
+#[derive(Deserialize)]
+struct RawBackup<'a> {
+    backup_id: String,
+    backup_timestamp: String,
+    total_keys: u64,
+    #[serde(borrow)]
+    configurations: Vec<RawEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry<'a> {
+    id: i64,
+    key: String,
+    category: Option<String>,
+    environment: String,
+    #[serde(borrow)]
+    value: &'a serde_json::value::RawValue,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+}
+
+/// Only the version, every other field skipped unparsed.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    version: Option<&'a serde_json::value::RawValue>,
+}
+
 fn parse_plaintext(plaintext: &[u8]) -> Result<Backup, BackupError> {
-    let doc: serde_json::Value = serde_json::from_slice(plaintext)
+    let head: Head<'_> = serde_json::from_slice(plaintext)
         .map_err(|e| BackupError::NotJson(format!("invalid JSON at line {}", e.line())))?;
-    let version = match doc.get("version") {
-        Some(serde_json::Value::String(v)) => v.as_str(),
-        _ => return Err(BackupError::NotJson("no \"version\" field".into())),
+    let version = match head
+        .version
+        .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
+    {
+        Some(v) => v,
+        None => return Err(BackupError::NotJson("no \"version\" field".into())),
     };
     if version.split('.').next() != Some("2") {
-        return Err(BackupError::UnsupportedVersion(sanitize_version(version)));
+        return Err(BackupError::UnsupportedVersion(sanitize_version(&version)));
     }
     // Shape errors from serde can quote decrypted values: report only the category.
-    serde_json::from_value(doc)
-        .map_err(|_| BackupError::NotJson("missing or mistyped backup fields".into()))
+    let raw: RawBackup<'_> = serde_json::from_slice(plaintext)
+        .map_err(|_| BackupError::NotJson("missing or mistyped backup fields".into()))?;
+    let mut configurations = Vec::with_capacity(raw.configurations.len());
+    for e in raw.configurations {
+        match crate::state::parse_value(e.value.get()) {
+            Ok(value) => configurations.push(BackupEntry {
+                id: e.id,
+                key: e.key,
+                category: e.category,
+                environment: e.environment,
+                value,
+                created_at: e.created_at,
+                updated_at: e.updated_at,
+            }),
+            Err(why) => tracing::warn!(
+                "backup: key '{}' of environment '{}' skipped: {why} (other keys are used)",
+                crate::util::Escaped(&e.key),
+                crate::util::Escaped(&e.environment)
+            ),
+        }
+    }
+    Ok(Backup {
+        version,
+        backup_id: raw.backup_id,
+        backup_timestamp: raw.backup_timestamp,
+        total_keys: raw.total_keys,
+        configurations,
+    })
 }
 
 /// Keeps only a short, harmless rendering of a version string for error messages.

@@ -196,3 +196,28 @@ fn debug_never_shows_values() {
     );
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+/// Values are parsed one by one like a listing's: numbers keep their digits and spelling, and one value
+/// nested too deep is skipped alone instead of failing the whole backup.
+#[test]
+fn values_keep_their_numbers_and_a_too_deep_one_is_skipped_alone() {
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+    let entry = |id: u32, key: &str, value: &str| {
+        format!(
+            r#"{{"id": {id}, "key": "{key}", "category": null, "environment": "prod", "value": {value}, "created_at": null, "updated_at": null}}"#
+        )
+    };
+    let plaintext = format!(
+        r#"{{"version": "2.2.0", "backup_id": "b", "backup_timestamp": "t", "total_keys": 3, "configurations": [{}, {}, {}]}}"#,
+        entry(1, "big", r#"{"n": 123456789012345678901234567890, "e": 1E5, "f": 0.1}"#),
+        entry(2, "deep", &deep),
+        entry(3, "plain", r#""text""#),
+    );
+    let backup = parse_plaintext(plaintext.as_bytes()).expect("the backup parses");
+    let keys: Vec<&str> = backup.configurations.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["big", "plain"]);
+    assert_eq!(
+        serde_json::to_string(&backup.configurations[0].value).unwrap(),
+        r#"{"n":123456789012345678901234567890,"e":1E5,"f":0.1}"#
+    );
+}

@@ -30,6 +30,7 @@ pub const KNOWN: &[&str] = &[
     "user-key-key",
     "api-key-key",
     "token-key",
+    "ca-key",
     "server",
     "mount-path",
     "containers",
@@ -52,6 +53,8 @@ pub struct Request {
     pub user_key_key: String,
     pub api_key_key: Option<String>,
     pub token_key: Option<String>,
+    /// The key of the credentials Secret holding a PEM CA bundle for the server (`--ca-file`).
+    pub ca_key: Option<String>,
     pub server: String,
     pub mount_path: String,
     /// `None`: every app container.
@@ -344,6 +347,7 @@ pub fn parse(pod: &Pod, defaults: &InjectorDefaults) -> Result<Request, Denial> 
     let user_key_key = data_key("user-key-key")?.unwrap_or_else(|| "user-key".into());
     let api_key_key = data_key("api-key-key")?;
     let token_key = data_key("token-key")?;
+    let ca_key = data_key("ca-key")?;
 
     let server = match get("server").map(str::trim) {
         Some(s) => {
@@ -490,6 +494,7 @@ pub fn parse(pod: &Pod, defaults: &InjectorDefaults) -> Result<Request, Denial> 
         user_key_key,
         api_key_key,
         token_key,
+        ca_key,
         server,
         mount_path,
         containers,

@@ -451,6 +451,9 @@ fn common_args(req: &Request, file_mode: &str) -> Vec<String> {
     if let Some(k) = &req.token_key {
         a.push(format!("--token-file={CREDENTIALS_DIR}/{k}"));
     }
+    if let Some(k) = &req.ca_key {
+        a.push(format!("--ca-file={CREDENTIALS_DIR}/{k}"));
+    }
     a.extend(req.include.iter().map(|g| format!("--include={g}")));
     a.extend(req.exclude.iter().map(|g| format!("--exclude={g}")));
     a.extend(req.category.iter().map(|c| format!("--category={c}")));

@@ -9,7 +9,7 @@
 //! `Container`…), so a pod serialized by any client reads here unchanged.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// A pod, as far as the injector reads it.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -23,7 +23,9 @@ pub struct Pod {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpec {
-    #[serde(default)]
+    /// Empty when absent or `null` (the API server sends a pod without containers to the webhook
+    /// before its own validation names `spec.containers`).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub containers: Vec<Container>,
     #[serde(default)]
     pub init_containers: Option<Vec<Container>>,
@@ -67,4 +69,47 @@ pub struct VolumeMount {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Volume {
     pub name: String,
+}
+
+/// `null` read as the type's default, like an absent field.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_or_absent_lists_read_as_empty_and_unknown_fields_are_skipped() {
+        for spec in [
+            r#"{"containers": null}"#,
+            r#"{}"#,
+            r#"{"containers": [], "affinity": {"nodeAffinity": {}}, "volumes": null}"#,
+        ] {
+            let pod: Pod =
+                serde_json::from_str(&format!(r#"{{"metadata": {{}}, "spec": {spec}}}"#))
+                    .unwrap_or_else(|e| panic!("{spec}: {e}"));
+            let spec = pod.spec.expect("spec");
+            assert!(spec.containers.is_empty());
+            assert!(spec.volumes.is_none());
+        }
+        let pod: Pod = serde_json::from_str(
+            r#"{"spec": {"containers": [{"name": "app", "image": "x", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]}}"#,
+        )
+        .expect("pod");
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.containers[0].name, "app");
+        assert_eq!(
+            spec.containers[0]
+                .volume_mounts
+                .as_deref()
+                .map(|m| m[0].mount_path.as_str()),
+            Some("/v")
+        );
+    }
 }
