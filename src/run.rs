@@ -4,8 +4,11 @@
 //! Both modes handle SIGTERM and SIGINT the same way: stop fetching, abandon a new generation being
 //! written between two of its files (the partial generation is removed, the current one untouched),
 //! and exit within a bounded time: live mode with 0, `--once` with 143 (SIGTERM) or 130 (SIGINT) when it
-//! had not finished.
+//! had not finished. Whatever still runs [`SHUTDOWN_LIMIT`] after the signal (a Kubernetes API call that
+//! does not answer, the removal of a large abandoned generation) is cut short by exiting with the same
+//! code; what it leaves (a hidden partial generation, a temp file) is removed at the next start.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -101,6 +104,32 @@ pub async fn run(settings: Settings) -> Exit {
         return once(&agent, runner.as_ref(), &settings).await;
     }
     live_mode(agent, runner, settings, telemetry).await
+}
+
+/// The longest time from a stop signal to the process's exit, in both modes.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Exit with `code` [`SHUTDOWN_LIMIT`] from now unless the process has exited by then; the first call
+/// arms it, later ones (a second signal) do nothing.
+fn exit_at_shutdown_limit(code: Exit) {
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    if ARMED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-limit".into())
+        .spawn(move || {
+            std::thread::sleep(SHUTDOWN_LIMIT);
+            error!(
+                "still stopping {} after the signal: exiting now (an unfinished generation or temp file \
+                 is removed at the next start)",
+                crate::config::HumanDuration(SHUTDOWN_LIMIT)
+            );
+            std::process::exit(i32::from(code as u8));
+        });
+    if let Err(e) = spawned {
+        warn!("the shutdown time is not bounded: cannot start its timer thread: {e}");
+    }
 }
 
 /// Which stop signal arrived (`--once`): its exit code.
@@ -231,6 +260,7 @@ fn spawn_stop_handler(
         };
         info!("{name}: stopping (a write in progress is abandoned, files stay as they were)");
         let _ = stopped.set(code);
+        exit_at_shutdown_limit(code);
         // Cancelled first: a write that fails because of the abort is then seen as stopped.
         cancel.cancel();
         crate::sink::abort_writes();
@@ -359,6 +389,7 @@ fn spawn_signal_handlers(
             info!(
                 "{name}: stopping (a new generation being written is abandoned, the current one stays)"
             );
+            exit_at_shutdown_limit(Exit::Ok);
             // Cancelled first: a write that fails because of the abort is then seen as stopped.
             cancel.cancel();
             crate::sink::abort_writes();

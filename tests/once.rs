@@ -784,3 +784,89 @@ async fn sigterm_or_sigint_during_a_big_once_write_abandons_it_cleanly() {
     }
     logs.assert_free_of(&[DB_PASSWORD, USER_KEY]);
 }
+
+/// A stop signal bounds the run even where nothing can be cancelled: a Kubernetes API server that
+/// accepts the ConfigMap's request and never answers holds the write, and the agent exits with the
+/// signal's code at the shutdown limit, saying so, instead of waiting for the client's own timeout.
+#[tokio::test]
+async fn a_stop_signal_exits_at_the_shutdown_limit_when_an_api_call_hangs() {
+    use nix::sys::signal::Signal;
+    use tokio::io::AsyncReadExt;
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    seed(&server.api()).await;
+    let scratch = Scratch::new();
+
+    // The API server: reads requests, answers none.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api_addr = listener.local_addr().expect("addr");
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = requests.clone();
+    let hung = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            open.push(tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }));
+        }
+    });
+    let kubeconfig = scratch.write(
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: hung\nclusters:\n- name: hung\n  cluster:\n    server: http://{api_addr}\nusers:\n- name: u\n  user:\n    token: not-a-real-token\ncontexts:\n- name: hung\n  context:\n    cluster: hung\n    user: u\n    namespace: default\n"
+        ),
+    );
+    let mut args = once_args(&server, &scratch, "unused", &[]);
+    let at = args
+        .iter()
+        .position(|a| a == "--output-dir")
+        .expect("--output-dir");
+    args.drain(at..at + 2);
+    args.extend(["--configmap".into(), "app-config".into()]);
+
+    let mut child = clean_command(BIN)
+        .args(&args)
+        .env_remove("OSC_USER_KEY")
+        .env("OSC_LOG", "debug")
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start agent");
+    wait_for(
+        "the agent's request to the Kubernetes API",
+        std::time::Duration::from_secs(30),
+        || async { requests.load(std::sync::atomic::Ordering::SeqCst) > 0 },
+    )
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("kill");
+    // The limit is 5 s; the client's own read timeout is minutes.
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("the agent exits at the shutdown limit")
+        .expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    logs.push(&stderr);
+    hung.abort();
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert!(
+        stderr.contains("still stopping 5s after the signal: exiting now"),
+        "{stderr}"
+    );
+    logs.assert_free_of(&[DB_PASSWORD, API_TOKEN, USER_KEY]);
+}

@@ -209,12 +209,20 @@ fn values_keep_their_numbers_and_a_too_deep_one_is_skipped_alone() {
     };
     let plaintext = format!(
         r#"{{"version": "2.2.0", "backup_id": "b", "backup_timestamp": "t", "total_keys": 3, "configurations": [{}, {}, {}]}}"#,
-        entry(1, "big", r#"{"n": 123456789012345678901234567890, "e": 1E5, "f": 0.1}"#),
+        entry(
+            1,
+            "big",
+            r#"{"n": 123456789012345678901234567890, "e": 1E5, "f": 0.1}"#
+        ),
         entry(2, "deep", &deep),
         entry(3, "plain", r#""text""#),
     );
     let backup = parse_plaintext(plaintext.as_bytes()).expect("the backup parses");
-    let keys: Vec<&str> = backup.configurations.iter().map(|e| e.key.as_str()).collect();
+    let keys: Vec<&str> = backup
+        .configurations
+        .iter()
+        .map(|e| e.key.as_str())
+        .collect();
     assert_eq!(keys, ["big", "plain"]);
     assert_eq!(
         serde_json::to_string(&backup.configurations[0].value).unwrap(),
