@@ -551,6 +551,45 @@ async fn files_mode_app_reads_files_at_start_and_sees_a_change() {
         "{shown}"
     );
 
+    // `helm test`: the chart's test pod gets /readyz from inside the cluster. Without cluster DNS here it
+    // goes to the pod's IP (test.url), with the local busybox image; the pod template does not change.
+    let pod_ip = status["status"]["podIP"].as_str().expect("podIP");
+    let readyz = format!("http://{pod_ip}:8081/readyz");
+    let chart = Path::new(ROOT).join("charts/osc-agent");
+    ns.helm(&[
+        "upgrade",
+        "rel",
+        chart.to_str().unwrap(),
+        "--reuse-values",
+        "--set",
+        &format!("test.url={readyz}"),
+        "--set",
+        "test.image.repository=localhost/app,test.image.tag=pods,test.image.pullPolicy=Never",
+    ])
+    .await;
+    let (ok, tested, err) = ns
+        .try_run(
+            &ns.node.helm,
+            &["-n", &ns.name, "test", "rel", "--timeout", "50s"],
+        )
+        .await;
+    say(&format!("pods: helm test rel\n{tested}"));
+    if !ok {
+        let test_pod = "rel-osc-agent-test-readyz";
+        let log = ns.logs(test_pod, "readyz", false).await;
+        let described = ns.kubectl(&["describe", "pod", test_pod]).await;
+        panic!("helm test failed: {tested}{err}\nlog:\n{log}\n{described}");
+    }
+    assert!(
+        tested.contains("rel-osc-agent-test-readyz") && tested.contains("Succeeded"),
+        "{tested}"
+    );
+    assert_eq!(
+        ns.release_pod("rel").await,
+        pod,
+        "the upgrade for the test did not roll the pod"
+    );
+
     // The app read the synced files when it started (the init container ran before it).
     let app_log = ns.logs(&pod, "app", false).await;
     assert!(
