@@ -119,3 +119,70 @@ async fn hostile_key_names_cannot_forge_log_lines_or_errors() {
     );
     logs.assert_free_of(&["log-injection-value", USER_KEY]);
 }
+
+/// Paths and names the user gives (a file path, an output directory, the environment) reach log lines
+/// and errors escaped too: a newline or an escape sequence in them forges nothing.
+#[tokio::test]
+async fn hostile_paths_and_names_from_the_command_line_are_escaped() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let scratch = Scratch::new();
+    let key = scratch.key_file();
+    let forged_dir = scratch.path(FORGED);
+    let cases: [(&str, Vec<String>, &str); 3] = [
+        (
+            "a user key file that does not exist",
+            vec![
+                "--user-key-file".into(),
+                scratch.path(FORGED).display().to_string(),
+                "--environment".into(),
+                "prod".into(),
+                "--output-dir".into(),
+                scratch.path("out").display().to_string(),
+            ],
+            "evil\\n2001-01-01",
+        ),
+        (
+            "an environment with control characters",
+            vec![
+                "--user-key-file".into(),
+                key.clone(),
+                "--environment".into(),
+                "pr\u{1b}[2Jod\nx".into(),
+                "--output-dir".into(),
+                scratch.path("out").display().to_string(),
+            ],
+            "pr\\u{1b}[2Jod\\nx",
+        ),
+        (
+            "an output directory under a file",
+            vec![
+                "--user-key-file".into(),
+                key.clone(),
+                "--environment".into(),
+                "prod".into(),
+                "--output-dir".into(),
+                format!("{}/{FORGED}", key),
+            ],
+            "evil\\n2001-01-01",
+        ),
+    ];
+    server
+        .api()
+        .create("prod", "ok", json!("log-injection-value"))
+        .await;
+    for (what, args, escaped) in cases {
+        let mut all = vec!["--once", "--server", &server.url];
+        all.extend(args.iter().map(String::as_str));
+        let run = run_agent(&logs, &all, &[]).await;
+        assert_ne!(run.code, 0, "{what}: {run:?}");
+        assert_one_record_per_line(&run.stderr, false);
+        assert!(
+            run.stderr.contains(escaped),
+            "{what}: named, escaped as {escaped:?}:\n{}",
+            run.stderr
+        );
+    }
+    assert!(!forged_dir.exists());
+    logs.assert_free_of(&["log-injection-value", USER_KEY]);
+}
