@@ -83,8 +83,8 @@ fn main() {
             no_tools.clone(),
         ),
         (
-            "injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades",
-            TestFn::Sync(injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades),
+            "injector_certificate_is_kept_across_upgrades_and_renewed_near_expiry",
+            TestFn::Sync(injector_certificate_is_kept_across_upgrades_and_renewed_near_expiry),
             no_cluster.clone(),
         ),
         (
@@ -1383,9 +1383,10 @@ fn injector_objects_are_valid_and_the_certificate_matches_the_ca_bundle() {
 }
 
 /// On the node's API server (Kubernetes 1.20): the injector release is accepted as is, and a `helm upgrade`
-/// keeps the certificate and the caBundle (read back with `lookup`), so pods are not cut off on upgrades.
-fn injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades() {
-    let test = "injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades";
+/// keeps the certificate and the caBundle (read back with `lookup`), so pods are not cut off on upgrades;
+/// near its expiry an upgrade renews it, the caBundle trusting both CAs for one release.
+fn injector_certificate_is_kept_across_upgrades_and_renewed_near_expiry() {
+    let test = "injector_certificate_is_kept_across_upgrades_and_renewed_near_expiry";
     let Some(t) = tools(test) else { return };
     let kubeconfig = std::env::var_os("KUBECONFIG").expect("the harness checked $KUBECONFIG");
     let kubectl = |args: &[&str]| {
@@ -1443,6 +1444,43 @@ fn injector_release_on_kubernetes_1_20_keeps_its_certificate_across_upgrades() {
     helm("upgrade");
     let second = state();
     assert_eq!(first, second, "helm upgrade replaced the certificate");
+
+    // Near its expiry (the Secret says 10 days left; renewBeforeDays is 30), an upgrade renews the pair,
+    // and the caBundle trusts both CAs while pods still serve the old certificate.
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 10 * 86400;
+    kubectl(&[
+        "-n",
+        &ns,
+        "annotate",
+        "--overwrite",
+        "secret",
+        "inj-osc-agent-injector-tls",
+        &format!("osc-agent.io/tls-not-after={soon}"),
+    ]);
+    helm("upgrade");
+    let renewed = state();
+    assert_ne!(renewed.0, second.0, "the certificate was not renewed");
+    assert_ne!(renewed.1, second.1, "the CA was not renewed");
+    let pem = |b64: &str| {
+        String::from_utf8(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap(),
+        )
+        .unwrap()
+    };
+    let bundle = pem(&renewed.2);
+    assert!(
+        bundle.contains(pem(&renewed.1).trim()) && bundle.contains(pem(&second.1).trim()),
+        "the caBundle holds the new and the old CA:\n{bundle}"
+    );
+    // The next upgrade keeps the new pair and trusts only its CA.
+    helm("upgrade");
+    let settled = state();
+    assert_eq!((&settled.0, &settled.1), (&renewed.0, &renewed.1));
+    assert_eq!(settled.2, settled.1, "caBundle is the new CA alone");
     run(Command::new(&t.helm).env("KUBECONFIG", &kubeconfig).args([
         "uninstall",
         "inj",
