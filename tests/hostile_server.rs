@@ -625,3 +625,76 @@ async fn the_event_stream_follows_the_same_proxy_rules() {
         assert_eq!(code, 0);
     }
 }
+
+/// Each request carries the credentials its route needs and no more: the change detector's metadata
+/// polls (`GET /cluster/configs`, no key derivation upstream) and the event stream get the API key and
+/// the token, never the user key; only `GET /configs` gets the user key.
+#[tokio::test]
+async fn metadata_polls_and_the_stream_never_carry_the_user_key() {
+    let logs = Logs::default();
+    let server = FakeServer::start("127.0.0.1:0", |seen, mut conn| async move {
+        match seen.path() {
+            "/cluster/configs" => {
+                let meta = r#"[{"key":"db.url","category":"database","environment":"prod","created_at":"2026-12-03T10:00:00.000000","updated_at":"2026-12-03T10:00:00.000000"}]"#;
+                respond(
+                    &mut conn,
+                    200,
+                    &[("content-type", "application/json")],
+                    meta.as_bytes(),
+                )
+                .await
+            }
+            // No stream here: the detector is what notices changes.
+            "/sse/subscribe" => respond(&mut conn, 503, &[], b"").await,
+            _ => list_answer(&mut conn).await,
+        }
+    })
+    .await;
+    let scratch = Scratch::new();
+    scratch.write("api-key", API_KEY);
+    scratch.write("token", TOKEN);
+    let out = scratch.path("out");
+    let api_key = scratch.path("api-key").display().to_string();
+    let token = scratch.path("token").display().to_string();
+    let args = live_args(
+        &server.url,
+        &scratch,
+        &out,
+        &[
+            "--api-key-file",
+            &api_key,
+            "--token-file",
+            &token,
+            "--change-poll-interval",
+            "200ms",
+        ],
+    );
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    wait_for(
+        "three metadata polls and two stream attempts",
+        Duration::from_secs(30),
+        || async { server.count("/cluster/configs") >= 3 && server.count("/sse/subscribe") >= 2 },
+    )
+    .await;
+    let (code, _) = agent.terminate().await;
+    assert_eq!(code, 0);
+    let seen = server.seen();
+    assert!(seen.iter().any(|s| s.path() == "/configs"), "{seen:?}");
+    for s in &seen {
+        assert_eq!(s.header("x-api-key"), Some(API_KEY), "{}", s.line);
+        assert_eq!(
+            s.header("authorization"),
+            Some(format!("Bearer {TOKEN}").as_str()),
+            "{}",
+            s.line
+        );
+        let user_key = s.header("x-user-key");
+        if s.path() == "/configs" {
+            assert_eq!(user_key, Some(USER_KEY), "{}", s.line);
+        } else {
+            assert_eq!(user_key, None, "the user key went to {}", s.line);
+        }
+    }
+    logs.assert_free_of(&[USER_KEY, API_KEY, TOKEN]);
+}
