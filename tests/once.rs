@@ -705,6 +705,46 @@ async fn an_environment_with_no_selected_entry_exits_7_and_keeps_earlier_files()
     logs.assert_free_of(&[DB_PASSWORD, API_TOKEN, USER_KEY]);
 }
 
+/// `osc-agent ARGS` with `env`, started in the background (stdout and stderr piped), for a test that
+/// signals it mid-run.
+fn spawn_agent(args: &[String], env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = clean_command(BIN);
+    cmd.args(args)
+        .env_remove("OSC_USER_KEY")
+        .env("OSC_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start agent")
+}
+
+/// Sends `signal` to `child` and waits (up to `within`) for its exit: its code and stderr, which also
+/// goes to `logs`.
+async fn signal_and_wait(
+    logs: &Logs,
+    mut child: tokio::process::Child,
+    signal: nix::sys::signal::Signal,
+    within: std::time::Duration,
+) -> (Option<i32>, String) {
+    use tokio::io::AsyncReadExt;
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
+    nix::sys::signal::kill(pid, signal).expect("kill");
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the agent did not exit within {within:?} of {signal}"))
+        .expect("wait");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    logs.push(&stderr);
+    (status.code(), stderr)
+}
+
 #[tokio::test]
 async fn sigterm_or_sigint_during_a_big_once_write_abandons_it_cleanly() {
     use nix::sys::signal::Signal;
@@ -743,35 +783,16 @@ async fn sigterm_or_sigint_during_a_big_once_write_abandons_it_cleanly() {
 
     for (signal, code) in [(Signal::SIGTERM, 143), (Signal::SIGINT, 130)] {
         let args = once_args(&server, &scratch, &out_s, &[]);
-        let mut child = clean_command(BIN)
-            .args(&args)
-            .env_remove("OSC_USER_KEY")
-            .env("OSC_LOG", "debug")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start agent");
+        let child = spawn_agent(&args, &[]);
         wait_for(
             "the new generation being written",
             std::time::Duration::from_secs(30),
             || async { hidden(&out).len() == 3 },
         )
         .await;
-        let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
-        nix::sys::signal::kill(pid, signal).expect("kill");
-        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-            .await
-            .expect("the agent exits within 10 s of the signal")
-            .expect("wait");
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use tokio::io::AsyncReadExt;
-            let _ = e.read_to_string(&mut stderr).await;
-        }
-        logs.push(&stderr);
-        assert_eq!(status.code(), Some(code), "{signal}: {stderr}");
+        let (code_seen, stderr) =
+            signal_and_wait(&logs, child, signal, std::time::Duration::from_secs(10)).await;
+        assert_eq!(code_seen, Some(code), "{signal}: {stderr}");
         assert!(
             stderr.contains("the write in progress was abandoned"),
             "{stderr}"
@@ -833,37 +854,24 @@ async fn a_stop_signal_exits_at_the_shutdown_limit_when_an_api_call_hangs() {
     args.drain(at..at + 2);
     args.extend(["--configmap".into(), "app-config".into()]);
 
-    let mut child = clean_command(BIN)
-        .args(&args)
-        .env_remove("OSC_USER_KEY")
-        .env("OSC_LOG", "debug")
-        .env("KUBECONFIG", &kubeconfig)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start agent");
+    let kubeconfig = kubeconfig.display().to_string();
+    let child = spawn_agent(&args, &[("KUBECONFIG", &kubeconfig)]);
     wait_for(
         "the agent's request to the Kubernetes API",
         std::time::Duration::from_secs(30),
         || async { requests.load(std::sync::atomic::Ordering::SeqCst) > 0 },
     )
     .await;
-    let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
-    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("kill");
     // The limit is 5 s; the client's own read timeout is minutes.
-    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
-        .await
-        .expect("the agent exits at the shutdown limit")
-        .expect("wait");
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr).await;
-    }
-    logs.push(&stderr);
+    let (code, stderr) = signal_and_wait(
+        &logs,
+        child,
+        Signal::SIGTERM,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
     hung.abort();
-    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert_eq!(code, Some(143), "{stderr}");
     assert!(
         stderr.contains("still stopping 5s after the signal: exiting now"),
         "{stderr}"
