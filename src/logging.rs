@@ -59,25 +59,29 @@ pub fn init(format: LogFormat) {
 /// Like [`init`], with another default level (the demo keeps its terminal for its own output).
 ///
 /// `$OSC_LOG` (or `$RUST_LOG`) is a comma-separated list of `level` and `target=level` directives
-/// (`debug`, `info,osc_agent=debug,kube=warn`; levels `trace`, `debug`, `info`, `warn`, `error`, `off`).
-/// The span and field filters of `tracing`'s `EnvFilter` (`[span{field=value}]`) are not supported: a
-/// list that does not parse is reported once and the default level applies.
+/// (`debug`, `info,osc_agent=debug,kube=warn`; levels `trace`, `debug`, `info`, `warn`, `error`, `off`);
+/// see [`directives`]. Empty or blank counts as unset. The span and field filters of `tracing`'s
+/// `EnvFilter` (`[span{field=value}]`) are not supported: a list that does not read is reported once
+/// and the default level applies.
 pub fn init_with_default(format: LogFormat, default: &str) {
-    // notify logs every inotify event at trace level: with the log file in a watched directory, each
-    // line would cause the next. It stays at warn unless named explicitly.
-    let with_notify = |f: &str| match f.contains("notify") {
-        true => f.to_owned(),
-        false => format!("{f},notify=warn"),
+    let set = |name: &'static str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (name, v))
     };
-    let (variable, asked) = match std::env::var("OSC_LOG") {
-        Ok(f) => ("OSC_LOG", Some(f)),
-        Err(_) => ("RUST_LOG", std::env::var("RUST_LOG").ok()),
-    };
-    let parsed = asked.as_deref().map(|f| with_notify(f).parse::<Targets>());
-    let bad = matches!(parsed, Some(Err(_)));
+    let asked = set("OSC_LOG").or_else(|| set("RUST_LOG"));
+    let parsed = asked.as_ref().map(|(_, list)| {
+        directives(list)
+            .and_then(|d| d.parse::<Targets>().ok())
+            .ok_or(())
+    });
+    let bad = matches!(parsed, Some(Err(())));
     let filter = match parsed {
         Some(Ok(targets)) => targets,
-        _ => with_notify(default).parse().unwrap_or_default(),
+        _ => directives(default)
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_default(),
     };
     let builder = tracing_subscriber::fmt()
         .with_writer(OneLine)
@@ -93,12 +97,52 @@ pub fn init_with_default(format: LogFormat, default: &str) {
             .with(filter)
             .try_init(),
     };
-    if let (true, Some(asked)) = (bad, asked) {
+    if let (true, Some((variable, asked))) = (bad, asked) {
         tracing::warn!(
             "${variable} '{}' is not a list of level and target=level directives: level {default} applies",
             escape(&asked)
         );
     }
+}
+
+/// Targets kept at a level unless a directive names them: `notify` logs every inotify event at trace
+/// level (with the log file in a watched directory, each line would cause the next); `kube_client`
+/// logs a whole response body at warn level when it cannot decode one (a Secret's data, say).
+const QUIET_TARGETS: &[(&str, &str)] = &[("notify", "warn"), ("kube_client", "error")];
+
+/// The directives of a log filter list, checked and normalised for `Targets`: items are trimmed and
+/// empty ones dropped (`info,` is `info`); each is a level, a target, or `target=level`, a target
+/// being a Rust path (letters, digits, `_`, `-`, `.`, `::`). `None` when an item is anything else
+/// (`=debug`, `osc_agent=loud`, `[span]=debug`, a control character). [`QUIET_TARGETS`] not named are
+/// added.
+pub fn directives(list: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l));
+    let is_target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    };
+    let mut items = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let ok = match item.split_once('=') {
+            Some((target, level)) => is_target(target.trim()) && is_level(level.trim()),
+            None => is_level(item) || is_target(item),
+        };
+        if !ok {
+            return None;
+        }
+        items.push(item.replace(' ', ""));
+    }
+    if items.is_empty() {
+        return None;
+    }
+    for (target, level) in QUIET_TARGETS {
+        if !items.iter().any(|i| i.contains(target)) {
+            items.push(format!("{target}={level}"));
+        }
+    }
+    Some(items.join(","))
 }
 
 /// Writes each formatted record to stderr as one line (the formatter hands over one whole record,
@@ -147,6 +191,44 @@ pub fn error_line(prefix: &str, error: &dyn std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_lists_are_checked_and_normalised() {
+        let quiet = ",notify=warn,kube_client=error";
+        for (list, want) in [
+            ("info", Some(format!("info{quiet}"))),
+            ("info,", Some(format!("info{quiet}"))),
+            (
+                " debug ,, kube = warn ",
+                Some(format!("debug,kube=warn{quiet}")),
+            ),
+            (
+                "warn,hyper::proto=trace",
+                Some(format!("warn,hyper::proto=trace{quiet}")),
+            ),
+            ("osc_agent", Some(format!("osc_agent{quiet}"))),
+            (
+                "debug,notify=trace,kube_client=debug",
+                Some("debug,notify=trace,kube_client=debug".into()),
+            ),
+            ("", None),
+            (",", None),
+            ("=", None),
+            ("=debug", None),
+            ("osc_agent=loud", None),
+            ("[span]=debug", None),
+            ("osc_agent[span{f=1}]=debug", None),
+            ("info,\0", None),
+            ("info\n", Some(format!("info{quiet}"))),
+            ("in\nfo", None),
+            ("osc_agent=\u{1b}[2Jdebug", None),
+        ] {
+            assert_eq!(directives(list), want, "{list:?}");
+            if let Some(d) = directives(list) {
+                assert!(d.parse::<Targets>().is_ok(), "{d}");
+            }
+        }
+    }
 
     #[test]
     fn a_record_is_one_line() {

@@ -137,20 +137,25 @@ async fn the_log_filter_is_applied_and_a_bad_one_is_reported() {
         r.stderr
     );
 
-    let bad = "osc_agent=loud";
-    let r = run_agent(&logs, &refs, &[("OSC_LOG", bad), ("RUST_LOG", "error")]).await;
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(
-        r.stderr.contains(&format!("$OSC_LOG '{bad}' is not a list of level and target=level directives: level info applies")),
-        "{}",
-        r.stderr
-    );
-    let seen = levels(&r.stderr);
-    assert!(
-        seen.contains("INFO") && !seen.contains("DEBUG"),
-        "{}",
-        r.stderr
-    );
+    // A trailing comma is no directive (not "errors only").
+    let r = run_agent(&logs, &refs, &[("OSC_LOG", "info,")]).await;
+    assert!(levels(&r.stderr).contains("INFO"), "{}", r.stderr);
+
+    for bad in ["osc_agent=loud", "=", "[span]=debug"] {
+        let r = run_agent(&logs, &refs, &[("OSC_LOG", bad), ("RUST_LOG", "error")]).await;
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(
+            r.stderr.contains(&format!("$OSC_LOG '{bad}' is not a list of level and target=level directives: level info applies")),
+            "{}",
+            r.stderr
+        );
+        let seen = levels(&r.stderr);
+        assert!(
+            seen.contains("INFO") && !seen.contains("DEBUG"),
+            "{}",
+            r.stderr
+        );
+    }
     logs.assert_free_of(&[DB_PASSWORD, API_TOKEN, USER_KEY]);
 }
 

@@ -6,7 +6,8 @@
 //! injector adds is checked by the API server again after the patch.
 //!
 //! Field names and types are those of `core/v1` (the same names as k8s-openapi's `Pod`, `PodSpec`,
-//! `Container`…), so a pod serialized by any client reads here unchanged.
+//! `Container`…), so a pod serialized by any client reads here unchanged; like k8s-openapi, a required
+//! field that is missing or `null` reads as its default (the API server's validation names it).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
@@ -47,6 +48,7 @@ pub struct PodSecurityContext {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Container {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub name: String,
     #[serde(default)]
     pub ports: Option<Vec<ContainerPort>>,
@@ -57,17 +59,20 @@ pub struct Container {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerPort {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub container_port: i32,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeMount {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub mount_path: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Volume {
+    #[serde(default, deserialize_with = "null_as_default")]
     pub name: String,
 }
 
@@ -98,6 +103,14 @@ mod tests {
             assert!(spec.containers.is_empty());
             assert!(spec.volumes.is_none());
         }
+        // Required fields missing or null read as their defaults, as with k8s-openapi.
+        let pod: Pod = serde_json::from_str(
+            r#"{"spec": {"containers": [{"image": "x", "ports": [{"containerPort": null}], "volumeMounts": [{"name": "v"}]}], "volumes": [{"emptyDir": {}}]}}"#,
+        )
+        .expect("pod with missing required fields");
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.containers[0].name, "");
+        assert_eq!(spec.volumes.expect("volumes")[0].name, "");
         let pod: Pod = serde_json::from_str(
             r#"{"spec": {"containers": [{"name": "app", "image": "x", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}]}}"#,
         )

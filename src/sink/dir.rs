@@ -380,7 +380,10 @@ fn new_generation(
     own::write_state(&lock, state)
         .map_err(|e| SinkError::io(&lock, "cannot write the state", &e))?;
     let path = dir.join(&name);
+    // Checked once more after the flush (a long syncfs): once shutdown started, no swap begins, so an
+    // exit at the shutdown limit never falls between `..data` and the visible links.
     let result = write_generation(&path, files, opts, abort)
+        .and_then(|()| if abort() { Err(abandoned()) } else { Ok(()) })
         .map_err(|e| SinkError::io(dir, "cannot write the new generation", &e))
         .and_then(|()| swap_data_link(dir, &name));
     if let Err(e) = result {
@@ -733,6 +736,47 @@ mod tests {
         // Abandoned before it starts: nothing at all.
         assert!(write_with(&next, &opts(), &|| true).is_err());
         assert_eq!(current_generation(&dir).unwrap(), before);
+
+        // Abandoned at the last check, after every file was written and flushed: no swap either.
+        let counted = tempfile::tempdir().unwrap();
+        let checks = std::cell::Cell::new(0);
+        let counting = || {
+            checks.set(checks.get() + 1);
+            false
+        };
+        write_with(
+            &payload(counted.path(), &[("a", "3"), ("b", "4"), ("c", "5")]),
+            &opts(),
+            &counting,
+        )
+        .unwrap();
+        let all = checks.replace(0);
+        let complete = std::cell::Cell::new(false);
+        let at_the_last = || {
+            checks.set(checks.get() + 1);
+            if checks.get() < all {
+                return false;
+            }
+            // The last check comes after the last file is whole.
+            let new = generations(&dir)
+                .into_iter()
+                .find(|g| *g != *before.to_string_lossy());
+            complete.set(new.is_some_and(|g| {
+                std::fs::read_to_string(dir.join(g).join("c")).is_ok_and(|c| c == "5")
+            }));
+            true
+        };
+        let err = write_with(&next, &opts(), &at_the_last).unwrap_err();
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        assert!(
+            complete.get(),
+            "the last abort check came before the last file was written"
+        );
+        assert_eq!(current_generation(&dir).unwrap(), before);
+        assert_eq!(
+            generations(&dir),
+            vec![before.to_string_lossy().into_owned()]
+        );
     }
 
     #[test]
