@@ -1,6 +1,7 @@
 //! The change detector against the dev server: every write lands on a multi-worker server, a server
-//! without `/cluster/configs` still converges, a start costs one list call, and an identical-value PUT
-//! is noticed without a write or an action.
+//! without `/cluster/configs` still converges, a start costs one list call, an identical-value PUT
+//! is noticed without a write or an action, and the poll interval stretches while the stream hears
+//! everything and drops back at the first write it missed.
 
 mod common;
 
@@ -434,5 +435,90 @@ async fn a_route_that_answered_before_and_fails_now_is_failing_then_recovers() {
         .await;
     api.update("prod", "k", json!(secret(0, 1))).await;
     wait_file(&out.join("k"), &secret(0, 1), WAIT).await;
+    logs.assert_free_of(&[SECRET, USER_KEY]);
+}
+
+// The adaptive interval, end to end on a one-worker server: while every change a poll finds had been
+// announced by the stream, the interval doubles up to --change-poll-max; the first change the stream
+// missed (its queue paused) brings it back to --change-poll-interval, and that write still lands.
+#[tokio::test]
+async fn the_interval_stretches_while_the_stream_hears_everything_and_drops_at_a_miss() {
+    let logs = Logs::default();
+    let server = DevServer::start(&logs, &[]).await;
+    let api = server.api();
+    api.create("prod", "k", json!(secret(0, 0))).await;
+    let scratch = Scratch::new();
+    let out = scratch.path("out");
+    let args = live_args(
+        &server.url,
+        &scratch,
+        &out,
+        &[
+            "--change-poll-interval",
+            "200ms",
+            "--change-poll-max",
+            "1600ms",
+            "--resync-interval",
+            "1h",
+        ],
+    );
+    let agent = AgentProc::start(&logs, &strs(&args)).await;
+    agent.wait_ready().await;
+    let interval = || agent.metric("osc_agent_detector_interval_seconds");
+    let heard = || async {
+        agent
+            .metric_sample("osc_agent_detector_changes_total", "result=\"heard\"")
+            .await
+            .unwrap_or(0.0)
+    };
+    assert_eq!(interval().await, 0.2);
+
+    // Writes the stream announces, each seen by its own poll, until the detector trusts the stream
+    // (a poll racing the event can count as a miss and restart the run: bounded retries).
+    let mut version = 0;
+    while interval().await <= 0.2 {
+        version += 1;
+        assert!(version <= 30, "no stretch after {version} announced writes");
+        let before = heard().await;
+        api.update("prod", "k", json!(secret(0, version))).await;
+        wait_file(&out.join("k"), &secret(0, version), WAIT).await;
+        wait_for("a poll that finds the announced write", WAIT, || async {
+            heard().await > before || interval().await > 0.2
+        })
+        .await;
+    }
+    // Quiet polls keep doubling it, up to the maximum.
+    agent
+        .wait_metric(
+            "osc_agent_detector_interval_seconds",
+            "at the maximum",
+            |s| s == 1.6,
+        )
+        .await;
+
+    // The stream stops delivering: the next write is caught by the detector, which goes back to the
+    // minimum interval.
+    api.post_admin("/_dev/faults", json!({"paused": true}))
+        .await;
+    let missed = agent
+        .metric_sample("osc_agent_detector_changes_total", "result=\"missed\"")
+        .await
+        .unwrap_or(0.0);
+    api.update("prod", "k", json!(secret(0, 100))).await;
+    wait_file(&out.join("k"), &secret(0, 100), WAIT).await;
+    agent
+        .wait_metric(
+            "osc_agent_detector_interval_seconds",
+            "back at the minimum",
+            |s| s == 0.2,
+        )
+        .await;
+    assert!(
+        agent
+            .metric_sample("osc_agent_detector_changes_total", "result=\"missed\"")
+            .await
+            .unwrap_or(0.0)
+            > missed
+    );
     logs.assert_free_of(&[SECRET, USER_KEY]);
 }
