@@ -105,7 +105,34 @@ async fn redirects_are_not_followed_and_credentials_stay_with_the_server() {
         "the redirect target received requests: {:?}",
         target.seen()
     );
+    // A server echoing a credential it was sent into the Location's host, to get it into logs: the
+    // error says a Location is not shown, and no log holds the credential.
+    for secret in [USER_KEY, API_KEY, TOKEN] {
+        let location = format!(
+            "http://{}.example:{}/",
+            secret.to_uppercase(),
+            target.addr.port()
+        );
+        let server = FakeServer::start("127.0.0.1:0", move |_, mut conn| {
+            let location = location.clone();
+            async move { respond(&mut conn, 302, &[("location", &location)], b"").await }
+        })
+        .await;
+        let scratch = Scratch::new();
+        let r = run_agent(&logs, &strs(&once_args(&server.url, &scratch, &[])), &[]).await;
+        assert_eq!(r.code, 3, "{r:?}");
+        assert!(
+            r.stderr
+                .contains("a Location not shown (it holds a credential sent with the request)"),
+            "{}",
+            r.stderr
+        );
+    }
     logs.assert_free_of(&[USER_KEY, API_KEY, TOKEN]);
+    let lower = logs.text().to_lowercase();
+    for secret in [USER_KEY, API_KEY, TOKEN] {
+        assert!(!lower.contains(secret), "{secret} in the logs");
+    }
 }
 
 #[tokio::test]

@@ -195,17 +195,18 @@ impl Client {
 
     async fn list_once(&self, url: &Url, environment: &str) -> Result<Vec<Entry>, SourceError> {
         let shown = display_url(url);
+        let sent = self.headers(true)?;
         let response = self
             .http
             .get(url.clone())
-            .headers(self.headers(true)?)
+            .headers(sent.clone())
             .timeout(self.request_timeout)
             .send()
             .await
             .map_err(|e| unreachable(&shown, &e, self.request_timeout))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(error_of(response, url, environment).await);
+            return Err(error_of(response, url, &sent, environment).await);
         }
         let body = match read_body(response, self.max_response_size).await {
             Ok(Some(body)) => body,
@@ -238,10 +239,11 @@ impl Client {
     ) -> Result<Option<T>, SourceError> {
         let url = self.url("cluster/configs", &[("environment", environment)]);
         let shown = display_url(&url);
+        let sent = self.headers(false)?;
         let response = self
             .http
             .get(url.clone())
-            .headers(self.headers(false)?)
+            .headers(sent.clone())
             .timeout(self.request_timeout)
             .send()
             .await
@@ -252,7 +254,7 @@ impl Client {
         }
         if !status.is_success() {
             // No user key is sent here: the answers that blame it elsewhere mean something else.
-            return Err(match error_of(response, &url, environment).await {
+            return Err(match error_of(response, &url, &sent, environment).await {
                 SourceError::UserKeyRejected { .. } => SourceError::Denied {
                     url: shown,
                     status: 401,
@@ -332,6 +334,26 @@ pub(crate) fn origin(url: &Url) -> String {
     bounded(&format!("{}://{host}{port}", url.scheme()), 120)
 }
 
+/// `scheme://host:port` of `url` for an error about a redirect to it, unless that text holds the value
+/// of a header sent with the request (a server echoing the user key or a token into its `Location`,
+/// to get it into logs): then a fixed phrase. Compared without case (URLs lowercase hosts); values
+/// under 4 bytes are not looked for.
+pub(crate) fn redirect_target(url: &Url, sent: &HeaderMap) -> String {
+    let shown = origin(url);
+    let raw =
+        format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default()).to_ascii_lowercase();
+    let holds_a_sent_value = sent
+        .values()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_ascii_lowercase())
+        .any(|v| v.len() >= 4 && raw.contains(&v));
+    if holds_a_sent_value {
+        "a Location not shown (it holds a credential sent with the request)".to_owned()
+    } else {
+        shown
+    }
+}
+
 /// `text` escaped for a log line (see `util::escape`) and cut to `max` characters.
 pub(crate) fn bounded(text: &str, max: usize) -> String {
     let escaped = escape(text);
@@ -409,6 +431,7 @@ pub(crate) async fn read_body(
 pub(crate) async fn error_of(
     response: reqwest::Response,
     request: &Url,
+    sent: &HeaderMap,
     environment: &str,
 ) -> SourceError {
     let status = response.status();
@@ -422,7 +445,7 @@ pub(crate) async fn error_of(
             .flatten()
             .unwrap_or_default()
     };
-    status_error(status, &headers, &body, request, environment)
+    status_error(status, &headers, &body, request, sent, environment)
 }
 
 /// `detail` of a FastAPI error body, when it is a plain string.
@@ -438,6 +461,7 @@ pub(crate) fn status_error(
     headers: &HeaderMap,
     body: &[u8],
     request: &Url,
+    sent: &HeaderMap,
     environment: &str,
 ) -> SourceError {
     let code = status.as_u16();
@@ -453,7 +477,10 @@ pub(crate) fn status_error(
                 .and_then(|l| l.to_str().ok())
                 .and_then(|l| request.join(l).ok())
                 .filter(|l| l.host_str().is_some())
-                .map_or_else(|| "an unusable Location".to_owned(), |l| origin(&l)),
+                .map_or_else(
+                    || "an unusable Location".to_owned(),
+                    |l| redirect_target(&l, sent),
+                ),
         },
         500 if detail == Some("Internal error: ") => SourceError::KeyMismatch {
             environment: environment.to_owned(),
@@ -559,6 +586,7 @@ mod tests {
             headers,
             body.as_bytes(),
             &request,
+            &HeaderMap::new(),
             "prod",
         )
     }

@@ -14,7 +14,7 @@ mod proxy;
 mod sse;
 pub mod stream;
 
-pub(crate) use client::origin;
+pub(crate) use client::redirect_target;
 pub use client::{Client, EntryMeta, install_crypto_provider};
 pub use error::{FailureClass, SourceError};
 pub use stream::{ChangeKind, StreamEvent, StreamOptions};
