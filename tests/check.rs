@@ -304,3 +304,47 @@ fn outputs_colliding_with_inputs_or_each_other_are_refused_naming_both() {
         "check-user-key-123\n"
     );
 }
+
+/// What a newcomer reads: `check` names output formats as they are written on the command line (not
+/// Rust type names), and `--help` says when `--server` is required.
+#[test]
+fn check_and_help_speak_the_users_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "check-user-key-123\n").unwrap();
+    let mut args = vec![
+        "--server".to_owned(),
+        SERVER.to_owned(),
+        "--environment".into(),
+        "prod".into(),
+        "--user-key-file".into(),
+        key.display().to_string(),
+    ];
+    for format in ["dotenv", "json", "yaml", "properties"] {
+        args.push("--output".into());
+        args.push(format!(
+            "{}:{format}",
+            dir.path().join(format!("app.{format}")).display()
+        ));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = check(&refs);
+    assert_eq!(code, 0, "{stderr}");
+    for format in ["dotenv", "json", "yaml", "properties"] {
+        assert!(
+            stdout.contains(&format!("app.{format} ({format})")),
+            "{format}: {stdout}"
+        );
+    }
+    for rust_name in ["(Dotenv)", "(Json)", "(Yaml)", "(Properties)"] {
+        assert!(!stdout.contains(rust_name), "{stdout}");
+    }
+
+    let help = agent().arg("--help").output().expect("--help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let server = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--server"))
+        .unwrap_or_else(|| panic!("no --server line:\n{help}"));
+    assert!(server.contains("Required"), "{server}");
+}
