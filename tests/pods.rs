@@ -50,6 +50,7 @@ fn main() {
         skip,
         async_tests![
             files_mode_app_reads_files_at_start_and_sees_a_change,
+            init_only_mode_syncs_before_the_app_and_runs_no_sidecar,
             job_once_manifest_completes,
             wrong_user_key_fails_the_init_container_with_exit_4,
             signal_action_sends_one_hup_per_real_change_and_none_on_a_no_op,
@@ -673,6 +674,62 @@ async fn files_mode_app_reads_files_at_start_and_sees_a_change() {
     ns.logs(&pod, "osc-agent-init", false).await;
     ns.logs(&pod, "osc-agent", false).await;
     ns.logs("dev-server", "dev-server", false).await;
+    ns.assert_no_secret_logged();
+}
+
+/// `runMode: init-only` (chart): the init container syncs once, the app starts with its files and is
+/// the pod's only container; the app's extra volume and mount (`extraVolumes`, `app.extraVolumeMounts`)
+/// and env (`app.envFrom`) are wired in.
+async fn init_only_mode_syncs_before_the_app_and_runs_no_sidecar() {
+    let ns = Ns::new(node(), "initonly").await;
+    let (ip, _server) = ns.app_server("postgres://db/app").await;
+    ns.credentials("osc-credentials", USER_KEY).await;
+    ns.kubectl(&[
+        "create",
+        "configmap",
+        "app-settings",
+        "--from-literal=GREETING=hello-from-envfrom",
+    ])
+    .await;
+    let script = r#"echo "start: db.url=$(cat /config/db.url) settings=$(wc -l < /config/app.env)"
+echo "greeting: $GREETING"
+echo written > /scratch/probe && echo "scratch: $(cat /scratch/probe)"
+trap 'echo stopping; exit 0' TERM
+while true; do sleep 1 & wait $!; done
+"#;
+    let mut values = chart_values(&ip, "osc-credentials", script);
+    values["runMode"] = json!("init-only");
+    values["extraVolumes"] = json!([{"name": "scratch", "emptyDir": {}}]);
+    values["app"]["extraVolumeMounts"] = json!([{"name": "scratch", "mountPath": "/scratch"}]);
+    values["app"]["envFrom"] = json!([{"configMapRef": {"name": "app-settings"}}]);
+    ns.helm_install("once", &values).await;
+    let pod = ns.release_pod("once").await;
+    let status = ns.wait_ready(&pod).await;
+    let spec = ns.json(&["get", "pod", &pod]).await["spec"].clone();
+    assert_eq!(
+        names(&spec, "containers"),
+        vec!["app"],
+        "no sidecar: {spec}"
+    );
+    assert_eq!(
+        names(&spec, "initContainers"),
+        vec!["osc-agent-init"],
+        "{spec}"
+    );
+    let init = container_status(&status, "initContainerStatuses", "osc-agent-init");
+    assert_eq!(init["state"]["terminated"]["exitCode"], 0, "{init}");
+    let app_log = poll("the app's start lines", WAIT, || async {
+        let log = ns.logs(&pod, "app", false).await;
+        log.contains("scratch: ").then_some(log)
+    })
+    .await;
+    assert!(
+        app_log.contains("start: db.url=postgres://db/app settings=2")
+            && app_log.contains("greeting: hello-from-envfrom")
+            && app_log.contains("scratch: written"),
+        "{app_log}"
+    );
+    ns.logs(&pod, "osc-agent-init", false).await;
     ns.assert_no_secret_logged();
 }
 
