@@ -130,9 +130,10 @@ async fn the_log_filter_is_applied_and_a_bad_one_is_reported() {
 
     let r = run_agent(&logs, &refs, &[("OSC_LOG", "error,osc_agent=info")]).await;
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(
-        levels(&r.stderr),
-        BTreeSet::from(["INFO".to_owned()]),
+    // Info from the agent (a slow run may add a warning), nothing more detailed.
+    let seen = levels(&r.stderr);
+    assert!(
+        seen.contains("INFO") && !seen.contains("DEBUG") && !seen.contains("TRACE"),
         "{}",
         r.stderr
     );

@@ -195,18 +195,17 @@ impl Client {
 
     async fn list_once(&self, url: &Url, environment: &str) -> Result<Vec<Entry>, SourceError> {
         let shown = display_url(url);
-        let sent = self.headers(true)?;
         let response = self
             .http
             .get(url.clone())
-            .headers(sent.clone())
+            .headers(self.headers(true)?)
             .timeout(self.request_timeout)
             .send()
             .await
             .map_err(|e| unreachable(&shown, &e, self.request_timeout))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(error_of(response, url, &sent, environment).await);
+            return Err(error_of(response, url, environment).await);
         }
         let body = match read_body(response, self.max_response_size).await {
             Ok(Some(body)) => body,
@@ -239,11 +238,10 @@ impl Client {
     ) -> Result<Option<T>, SourceError> {
         let url = self.url("cluster/configs", &[("environment", environment)]);
         let shown = display_url(&url);
-        let sent = self.headers(false)?;
         let response = self
             .http
             .get(url.clone())
-            .headers(sent.clone())
+            .headers(self.headers(false)?)
             .timeout(self.request_timeout)
             .send()
             .await
@@ -254,7 +252,7 @@ impl Client {
         }
         if !status.is_success() {
             // No user key is sent here: the answers that blame it elsewhere mean something else.
-            return Err(match error_of(response, &url, &sent, environment).await {
+            return Err(match error_of(response, &url, environment).await {
                 SourceError::UserKeyRejected { .. } => SourceError::Denied {
                     url: shown,
                     status: 401,
@@ -334,23 +332,15 @@ pub(crate) fn origin(url: &Url) -> String {
     bounded(&format!("{}://{host}{port}", url.scheme()), 120)
 }
 
-/// `scheme://host:port` of `url` for an error about a redirect to it, unless that text holds the value
-/// of a header sent with the request (a server echoing the user key or a token into its `Location`,
-/// to get it into logs): then a fixed phrase. Compared without case (URLs lowercase hosts); values
-/// under 4 bytes are not looked for.
-pub(crate) fn redirect_target(url: &Url, sent: &HeaderMap) -> String {
-    let shown = origin(url);
-    let raw =
-        format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default()).to_ascii_lowercase();
-    let holds_a_sent_value = sent
-        .values()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).to_ascii_lowercase())
-        .any(|v| v.len() >= 4 && raw.contains(&v));
-    if holds_a_sent_value {
-        "a Location not shown (it holds a credential sent with the request)".to_owned()
+/// What an error about a redirect to `target` shows of it: its `scheme://host:port` when its host is
+/// the host of `request` (an `http` -> `https` or path redirect, the usual mistake in a URL), else a
+/// fixed phrase. A host is never shown for another host: a server could write anything there, a
+/// credential it was sent included, in any spelling, to get it into logs.
+pub(crate) fn redirect_target(target: &Url, request: &Url) -> String {
+    if target.host() == request.host() {
+        origin(target)
     } else {
-        shown
+        "another host (not shown: a redirect's host is the server's text)".to_owned()
     }
 }
 
@@ -431,7 +421,6 @@ pub(crate) async fn read_body(
 pub(crate) async fn error_of(
     response: reqwest::Response,
     request: &Url,
-    sent: &HeaderMap,
     environment: &str,
 ) -> SourceError {
     let status = response.status();
@@ -445,7 +434,7 @@ pub(crate) async fn error_of(
             .flatten()
             .unwrap_or_default()
     };
-    status_error(status, &headers, &body, request, sent, environment)
+    status_error(status, &headers, &body, request, environment)
 }
 
 /// `detail` of a FastAPI error body, when it is a plain string.
@@ -461,7 +450,6 @@ pub(crate) fn status_error(
     headers: &HeaderMap,
     body: &[u8],
     request: &Url,
-    sent: &HeaderMap,
     environment: &str,
 ) -> SourceError {
     let code = status.as_u16();
@@ -479,7 +467,7 @@ pub(crate) fn status_error(
                 .filter(|l| l.host_str().is_some())
                 .map_or_else(
                     || "an unusable Location".to_owned(),
-                    |l| redirect_target(&l, sent),
+                    |l| redirect_target(&l, request),
                 ),
         },
         500 if detail == Some("Internal error: ") => SourceError::KeyMismatch {
@@ -586,7 +574,6 @@ mod tests {
             headers,
             body.as_bytes(),
             &request,
-            &HeaderMap::new(),
             "prod",
         )
     }
@@ -669,7 +656,7 @@ mod tests {
     }
 
     #[test]
-    fn a_redirect_shows_only_the_origin_of_its_target() {
+    fn a_redirect_shows_only_the_origin_of_a_same_host_target() {
         let mut h = HeaderMap::new();
         h.insert(
             LOCATION,
@@ -678,13 +665,25 @@ mod tests {
         let err = e_with(302, &h, "");
         let text = err.to_string();
         assert!(matches!(err, SourceError::Redirect { status: 302, .. }));
-        assert!(text.contains("http://127.0.0.2:8000"), "{text}");
+        // Another host is never shown (a server could spell a credential into it).
+        assert!(text.contains("another host (not shown"), "{text}");
+        assert!(!text.contains("127.0.0.2"), "{text}");
         assert!(text.contains("--server"), "{text}");
         assert!(!text.contains("CANARY") && !text.contains("pw"), "{text}");
         assert!(!err.is_retryable());
         // Relative targets resolve against the request; garbage is not echoed.
         h.insert(LOCATION, HeaderValue::from_static("/elsewhere"));
         assert!(e_with(307, &h, "").to_string().contains("http://x:80"));
+        // The same host over https (the usual mistake in --server): shown, with the scheme and port.
+        h.insert(
+            LOCATION,
+            HeaderValue::from_static("https://x/configs?token=CANARY"),
+        );
+        let text = e_with(301, &h, "").to_string();
+        assert!(
+            text.contains("https://x:443") && !text.contains("CANARY"),
+            "{text}"
+        );
         h.insert(LOCATION, HeaderValue::from_static("javascript:CANARY"));
         let text = e_with(301, &h, "").to_string();
         assert!(text.contains("unusable Location"), "{text}");

@@ -165,7 +165,7 @@ async fn connect_and_read(
     let response = client
         .http()
         .get(url.clone())
-        .headers(headers.clone())
+        .headers(headers)
         .header(ACCEPT, "text/event-stream")
         .header(CACHE_CONTROL, "no-cache")
         .send()
@@ -188,7 +188,7 @@ async fn connect_and_read(
         )
         .then(|| retry_after(response.headers()))
         .flatten();
-        let err = error_of(response, &url, &headers, environment).await;
+        let err = error_of(response, &url, environment).await;
         return (err.to_string(), retry_after, false);
     }
     debug!(url = %display_url(&url), "event stream open");
