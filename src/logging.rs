@@ -114,7 +114,7 @@ const QUIET_TARGETS: &[(&str, &str)] = &[("notify", "warn"), ("kube_client", "er
 /// empty ones dropped (`info,` is `info`); each is a level, a target, or `target=level`, a target
 /// being a Rust path (letters, digits, `_`, `-`, `.`, `::`). `None` when an item is anything else
 /// (`=debug`, `osc_agent=loud`, `[span]=debug`, a control character). [`QUIET_TARGETS`] not named are
-/// added.
+/// added where the list's default level is more verbose than theirs.
 pub fn directives(list: &str) -> Option<String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l));
@@ -137,8 +137,12 @@ pub fn directives(list: &str) -> Option<String> {
     if items.is_empty() {
         return None;
     }
+    // The list's own default level (its last bare level; none: off). A quiet target only ever lowers
+    // it: `off` and `error` stay as quiet for every target.
+    let rank = |l: &str| LEVELS.iter().position(|x| x.eq_ignore_ascii_case(l));
+    let default = items.iter().rev().find_map(|i| rank(i)).unwrap_or(0);
     for (target, level) in QUIET_TARGETS {
-        if !items.iter().any(|i| i.contains(target)) {
+        if default > rank(level).unwrap_or(0) && !items.iter().any(|i| i.contains(target)) {
             items.push(format!("{target}={level}"));
         }
     }
@@ -204,9 +208,12 @@ mod tests {
             ),
             (
                 "warn,hyper::proto=trace",
-                Some(format!("warn,hyper::proto=trace{quiet}")),
+                Some("warn,hyper::proto=trace,kube_client=error".into()),
             ),
-            ("osc_agent", Some(format!("osc_agent{quiet}"))),
+            ("osc_agent", Some("osc_agent".into())),
+            ("off", Some("off".into())),
+            ("error", Some("error".into())),
+            ("warn", Some("warn,kube_client=error".into())),
             (
                 "debug,notify=trace,kube_client=debug",
                 Some("debug,notify=trace,kube_client=debug".into()),
