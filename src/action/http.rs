@@ -148,16 +148,7 @@ impl Request {
             .map_err(classify)?;
         let status = response.status();
         let location = if status.is_redirection() {
-            response
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| self.url.join(l).ok())
-                .filter(|l| l.host_str().is_some())
-                .map_or_else(
-                    || "no usable Location".to_owned(),
-                    |l| crate::source::redirect_target(&l, &self.url),
-                )
+            crate::source::redirect_target(response.headers(), &self.url)
         } else {
             String::new()
         };

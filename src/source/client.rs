@@ -332,15 +332,21 @@ pub(crate) fn origin(url: &Url) -> String {
     bounded(&format!("{}://{host}{port}", url.scheme()), 120)
 }
 
-/// What an error about a redirect to `target` shows of it: its `scheme://host:port` when its host is
-/// the host of `request` (an `http` -> `https` or path redirect, the usual mistake in a URL), else a
-/// fixed phrase. A host is never shown for another host: a server could write anything there, a
-/// credential it was sent included, in any spelling, to get it into logs.
-pub(crate) fn redirect_target(target: &Url, request: &Url) -> String {
-    if target.host() == request.host() {
-        origin(target)
-    } else {
-        "another host (not shown: a redirect's host is the server's text)".to_owned()
+/// What an error about a redirect answer to `request` shows of its `Location` (in `headers`): the
+/// target's `scheme://host:port` when its host is the host of `request` (an `http` -> `https` or path
+/// redirect, the usual mistake in a URL), else a fixed phrase. A host is never shown for another host:
+/// a server could write anything there, a credential it was sent included, in any spelling, to get it
+/// into logs. Path, query and user info are never shown.
+pub(crate) fn redirect_target(headers: &HeaderMap, request: &Url) -> String {
+    let target = headers
+        .get(LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| request.join(l).ok())
+        .filter(|l| l.host_str().is_some());
+    match target {
+        None => "an unusable Location".to_owned(),
+        Some(t) if t.host() == request.host() => origin(&t),
+        Some(_) => "another host (not shown: a redirect's host is the server's text)".to_owned(),
     }
 }
 
@@ -460,15 +466,7 @@ pub(crate) fn status_error(
         300..=399 => SourceError::Redirect {
             url,
             status: code,
-            location: headers
-                .get(LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| request.join(l).ok())
-                .filter(|l| l.host_str().is_some())
-                .map_or_else(
-                    || "an unusable Location".to_owned(),
-                    |l| redirect_target(&l, request),
-                ),
+            location: redirect_target(headers, request),
         },
         500 if detail == Some("Internal error: ") => SourceError::KeyMismatch {
             environment: environment.to_owned(),
